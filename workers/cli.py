@@ -1,0 +1,41 @@
+"""The `vmh` command: one subcommand per module, imported only when it runs.
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules keep heavy imports (torch,
+av) inside functions, so ``vmh --help`` and the small client commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline import logs
+from pipeline.settings import add_settings
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "broker": ("workers.broker_cmd", "start, stop or inspect the local Apache Kafka broker"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmh", description="Live video moment hashing")
+    add_settings(parser, "log-level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
