@@ -16,6 +16,7 @@ from pipeline.settings import add_settings
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("workers.broker_cmd", "start, stop or inspect the local Apache Kafka broker"),
+    "synth": ("workers.synth_cmd", "render the synthetic moment-localization dataset"),
 }
 
 
