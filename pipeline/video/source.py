@@ -1,0 +1,319 @@
+"""Open a video source with PyAV and sample frames at a fixed rate of media time, ready for the frame CNN.
+
+Sampling follows presentation timestamps, not frame indices, so variable frame rate and dropped frames do not shift
+the second a frame is counted in. Only sampled frames are converted: libswscale resizes and converts them to RGB in
+one pass, every other frame is decoded (the codec needs it as a reference) and dropped.
+
+Live sources (network streams, capture devices) reconnect with exponential backoff when they end, fail or stall;
+media time then resumes from the wall-clock time that passed, and the first sampled frame after the hole carries
+the missing seconds in ``gap``, so the hole is visible downstream instead of silently joining two moments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
+
+log = logging.getLogger(__name__)
+
+NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "udp", "tcp", "srt")
+_EPS = 1e-6  # timestamps are rationals turned into floats: 0.25 may arrive as 0.2499999
+
+
+class SourceError(Exception):
+    """A video source that cannot be read."""
+
+
+class SourceUnavailable(SourceError):
+    """The source does not exist, refuses or times out, or stayed down through every reconnect attempt."""
+
+
+class CorruptSource(SourceError):
+    """The source answers but its bytes are not decodable video."""
+
+
+@dataclass(frozen=True)
+class SampledFrame:
+    """One sampled frame. ``media_time`` counts seconds from the start of the stream and only ever increases
+    (across loops and reconnects); ``gap`` is the media seconds missing just before this frame, 0 when none."""
+
+    stream_id: str
+    second: int
+    media_time: float
+    capture_time: float  # wall clock (time.time()) when the frame was decoded, or released when paced
+    rgb: np.ndarray  # uint8 [frame_size, frame_size, 3]
+    gap: float = 0.0
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    sample_rate: float = 4.0  # frames per second of media time
+    frame_size: int = 224  # frames are scaled (not cropped: live events happen at the edges too) to a square
+    realtime: bool = False  # pace a file as if it were live
+    loop: bool = False  # repeat a file forever
+    live: bool | None = None  # reconnect when the source ends or fails; None infers it from the URL
+    open_timeout: float = 10.0  # seconds to connect and read the stream headers
+    stall_timeout: float = 10.0  # seconds without data or without a decoded frame before a live source reconnects
+    reconnect_attempts: int = 10  # consecutive failed reconnects before giving up
+    backoff: float = 0.5  # first wait between reconnects, doubled each failure
+    backoff_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.sample_rate > 0:
+            raise ValueError(f"sample_rate must be > 0, got {self.sample_rate}")
+        if self.frame_size < 16:
+            raise ValueError(f"frame_size must be >= 16 pixels, got {self.frame_size}")
+        if self.open_timeout <= 0 or self.stall_timeout <= 0:
+            raise ValueError("open_timeout and stall_timeout must be > 0")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, realtime: bool = False, loop: bool = False) -> SourceOptions:
+        """From the settings sample-rate, frame-size, open-timeout and stall-timeout."""
+        return cls(
+            args.sample_rate,
+            args.frame_size,
+            realtime,
+            loop,
+            open_timeout=args.open_timeout,
+            stall_timeout=args.stall_timeout,
+        )
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What av.open needs for one source."""
+
+    file: str
+    format: str | None
+    options: dict[str, str]
+    network: bool
+    live: bool
+
+
+def resolve_target(url: str) -> _Target:
+    """Map a user-facing source name (path, URL, ``/dev/videoN``, ``device:N``) to av.open arguments."""
+    if url.startswith("device:"):
+        name = url.removeprefix("device:")
+        if sys.platform == "darwin":
+            return _Target(name, "avfoundation", {}, False, True)
+        if sys.platform == "win32":
+            return _Target(f"video={name}", "dshow", {}, False, True)
+        return _Target(name if name.startswith("/") else f"/dev/video{name}", "v4l2", {}, False, True)
+    if url.startswith("/dev/video"):
+        return _Target(url, "v4l2", {}, False, True)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in NETWORK_SCHEMES:
+        options = {"rtsp_transport": "tcp"} if scheme.startswith("rtsp") else {}
+        live = scheme in LIVE_SCHEMES or urlsplit(url).path.endswith(".m3u8")
+        return _Target(url, None, options, True, live)
+    path = url.removeprefix("file://") if scheme == "file" else url
+    return _Target(path, None, {}, False, False)
+
+
+class _Reconnect(Exception):
+    """A live session ended badly (stall, read error); the caller reconnects."""
+
+
+class _Timeline:
+    """Turns per-session presentation times into one increasing media time, and decides which frames to sample."""
+
+    def __init__(self, sample_rate: float) -> None:
+        self.rate = sample_rate
+        self.last_slot = -1
+        self.last_media: float | None = None  # media time of the last decoded frame
+        self.last_wall = 0.0  # monotonic clock at the last decoded frame
+        self.interval = 1.0 / 25  # duration of the last frame, refined from timestamps
+        self.offset = 0.0  # media time = presentation time + offset
+        self.anchor: str | None = "start"  # how to place the next session: start, loop, resume
+        self.pending_gap = 0.0
+
+    def place(self, t: float, now: float) -> float:
+        """Media time of a frame presented at ``t`` (session clock), decoded at monotonic time ``now``."""
+        if self.anchor is not None:
+            self._anchor(t, now)
+        elif self.last_media is not None and t + self.offset > self.last_media:
+            self.interval = t + self.offset - self.last_media
+        media = t + self.offset
+        self.last_media, self.last_wall = media, now
+        return media
+
+    def rebase_if_discontinuous(self, t: float, now: float, max_jump: float) -> None:
+        """A live stream whose timestamps jump (wrap, encoder restart) is re-anchored to the wall clock."""
+        if self.last_media is not None and not 0 <= t + self.offset - self.last_media <= max_jump:
+            self.anchor = "resume"
+
+    def _anchor(self, t: float, now: float) -> None:
+        if self.anchor == "start":
+            start = 0.0
+        elif self.anchor == "loop":
+            start = self.last_media + self.interval
+        else:  # resume after a hole: the wall-clock time that passed is media time that was missed
+            start = self.last_media + max(now - self.last_wall, self.interval)
+            self.pending_gap += start - self.last_media - self.interval
+        self.offset = start - t
+        self.anchor = None
+
+    def take(self, media: float) -> bool:
+        """Sample the first frame at or after each 1/rate boundary of media time."""
+        slot = math.floor(media * self.rate + _EPS)
+        if slot <= self.last_slot:
+            return False
+        self.last_slot = slot
+        return True
+
+
+Opener = Callable[..., Any]
+
+
+class VideoSource:
+    """One video stream, iterated as sampled frames. Raises ``SourceError`` subclasses, never hangs.
+
+    A live source that cannot be opened at all fails at once (a wrong URL should not look like a flaky camera);
+    once it has delivered frames it reconnects, and ``reconnects`` counts the attempts. ``opener`` is av.open;
+    tests replace it to simulate sources that fail.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        stream_id: str | None = None,
+        options: SourceOptions | None = None,
+        opener: Opener = av.open,
+    ) -> None:
+        self.url = url
+        self.stream_id = stream_id or url
+        self.options = options or SourceOptions()
+        self.target = resolve_target(url)
+        self.live = self.target.live if self.options.live is None else self.options.live
+        self.reconnects = 0
+        self._opener = opener
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Make a running iteration end at its next packet (safe from another thread)."""
+        self._stop.set()
+
+    def __iter__(self) -> Iterator[SampledFrame]:
+        timeline = _Timeline(self.options.sample_rate)
+        paced_from: float | None = None  # monotonic time at media time 0, when pacing a file
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                container = self._open()
+            except SourceError as e:
+                if not self.live or timeline.last_media is None:
+                    raise
+                error: Exception = e
+            else:
+                produced = False
+                error = _Reconnect("stream ended")
+                try:
+                    with container:
+                        for frame in self._session(container, timeline):
+                            if self.options.realtime and not self.live:
+                                if paced_from is None:
+                                    paced_from = time.monotonic() - frame.media_time
+                                self._stop.wait(max(0.0, paced_from + frame.media_time - time.monotonic()))
+                                frame = replace(frame, capture_time=time.time())
+                            produced = True
+                            yield frame
+                except _Reconnect as e:
+                    error = e
+                if self._stop.is_set():
+                    return
+                if not self.live:
+                    if timeline.last_media is None:
+                        raise CorruptSource(f"{self.url}: no decodable video frames")
+                    if not (self.options.loop and produced):
+                        return
+                    timeline.anchor = "loop"
+                    continue
+                timeline.anchor = "resume"
+                if produced:
+                    failures = 0
+                    self.reconnects += 1
+                    log.warning("stream %s: %s; reconnecting", self.stream_id, error)
+                    continue
+            failures += 1
+            if failures > self.options.reconnect_attempts:
+                raise SourceUnavailable(f"{self.url}: still down after {failures - 1} reconnect attempts: {error}")
+            delay = min(self.options.backoff * 2 ** (failures - 1), self.options.backoff_max)
+            log.warning("stream %s: reconnect %d failed (%s); retry in %.1fs", self.stream_id, failures, error, delay)
+            self.reconnects += 1
+            self._stop.wait(delay)
+
+    def _open(self) -> Any:
+        target, opts = self.target, self.options
+        if not target.network and target.format is None and not Path(target.file).is_file():
+            raise SourceUnavailable(f"{self.url}: no such file")
+        started = time.monotonic()
+        try:
+            container = self._opener(
+                target.file,
+                format=target.format,
+                container_options=target.options,
+                timeout=(opts.open_timeout, opts.stall_timeout),
+            )
+        except av.error.ExitError as e:
+            raise SourceUnavailable(f"{self.url}: timed out after {opts.open_timeout:g}s opening the source") from e
+        except av.error.InvalidDataError as e:
+            if target.network and time.monotonic() - started >= opts.open_timeout:
+                raise SourceUnavailable(f"{self.url}: timed out after {opts.open_timeout:g}s opening the source") from e
+            raise CorruptSource(f"{self.url}: not a readable video ({e})") from e
+        except (OSError, av.error.FFmpegError) as e:
+            raise SourceUnavailable(f"{self.url}: cannot open ({e})") from e
+        if not container.streams.video:
+            container.close()
+            raise CorruptSource(f"{self.url}: has no video stream")
+        return container
+
+    def _session(self, container: Any, timeline: _Timeline) -> Iterator[SampledFrame]:
+        """Sampled frames of one opened container; errors of a live source become ``_Reconnect``."""
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        size = self.options.frame_size
+        scaler = VideoReformatter()  # one per session keeps libswscale's context cached between frames
+        stall = self.options.stall_timeout
+        last_frame_at = time.monotonic()
+        try:
+            for packet in container.demux(stream):
+                if self._stop.is_set():
+                    return
+                if self.live and time.monotonic() - last_frame_at > stall:
+                    raise _Reconnect(f"no frame for {stall:g}s")
+                for frame in packet.decode():
+                    now = time.monotonic()
+                    last_frame_at = now
+                    t = frame.time
+                    if t is None:  # no timestamp: assume the nominal spacing
+                        t = (timeline.last_media or 0.0) - timeline.offset + timeline.interval
+                    if self.live:
+                        timeline.rebase_if_discontinuous(t, now, stall)
+                    media = timeline.place(t, now)
+                    if not timeline.take(media):
+                        continue
+                    # area averaging does not alias when shrinking HD to 224; one thread: the decoder has the rest
+                    rgb = scaler.reformat(frame, size, size, "rgb24", interpolation="AREA", threads=1).to_ndarray()
+                    gap, timeline.pending_gap = timeline.pending_gap, 0.0
+                    yield SampledFrame(self.stream_id, math.floor(media + _EPS), media, time.time(), rgb, gap)
+                    last_frame_at = time.monotonic()  # time spent downstream is not a stall
+        except av.error.FFmpegError as e:
+            if self.live:
+                raise _Reconnect(f"read failed ({e})") from e
+            if self.target.network:
+                raise SourceUnavailable(f"{self.url}: read failed ({e})") from e
+            raise CorruptSource(f"{self.url}: decoding failed ({e})") from e
+
