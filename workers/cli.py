@@ -16,7 +16,13 @@ from pipeline.settings import add_settings
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("workers.broker_cmd", "start, stop or inspect the local Apache Kafka broker"),
+    "producer": ("workers.producer", "decode live sources into per-second feature records"),
+    "push": ("workers.producer", "push live streams (same as producer)"),
+    "encoder": ("workers.encoder", "turn feature records into moment codes, exactly once"),
     "synth": ("workers.synth_cmd", "render the synthetic moment-localization dataset"),
+    "extract": ("workers.extract_cmd", "per-second frame features of a folder of videos, for training"),
+    "train": ("workers.train_cmd", "train a CMHN checkpoint on extracted features"),
+    "eval": ("workers.eval_cmd", "recall and query latency of a CMHN checkpoint on a dataset"),
 }
 
 

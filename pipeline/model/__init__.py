@@ -1,0 +1,31 @@
+"""CMHN: the model, its loss, exact streaming inference and checkpoints."""
+
+from pipeline.model.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
+from pipeline.model.cmhn import CMHN, PRESETS, QEN, VEN, CMHNConfig, build_cmhn, candidate_spans, get_preset
+from pipeline.model.loss import cmhn_loss, smooth_sign, target_iou, temporal_iou
+from pipeline.model.streaming import Moment, StreamingEncoder, StreamStateError
+from pipeline.model.tcn import TemporalBlock, TemporalConvNet
+
+__all__ = [
+    "CMHN",
+    "CMHNConfig",
+    "PRESETS",
+    "QEN",
+    "VEN",
+    "CheckpointError",
+    "CheckpointMismatch",
+    "Moment",
+    "StreamStateError",
+    "StreamingEncoder",
+    "TemporalBlock",
+    "TemporalConvNet",
+    "build_cmhn",
+    "candidate_spans",
+    "cmhn_loss",
+    "get_preset",
+    "load_checkpoint",
+    "save_checkpoint",
+    "smooth_sign",
+    "target_iou",
+    "temporal_iou",
+]

@@ -1,0 +1,336 @@
+"""The bus: kafka-python clients whose names say what they deliver.
+
+- ``at_least_once_producer``: an idempotent producer with ``acks=all``. Retries never duplicate a record, but a
+  process that dies between ``send`` and recording its own progress sends that record again when it restarts.
+- ``ExactlyOnceProcessor``: the consume-transform-produce loop of the encoder and the query worker. Each polled
+  batch and the consumer offsets that cover it are committed in one Kafka transaction, so with read_committed
+  readers every output appears once, even when a worker is killed and restarted or its partitions move.
+- ``read_committed_consumer``: a consumer that never sees records of aborted or still-open transactions.
+- ``read_range`` and ``offset_for_time``: re-read part of a partition, e.g. to rebuild per-stream state when a
+  partition is assigned to a new owner.
+
+Keys and values are bytes throughout; (de)serialisation belongs to the callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from kafka import (
+    ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition,
+)
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import KafkaError
+
+from pipeline.settings import resolve
+
+log = logging.getLogger(__name__)
+
+
+class BusError(RuntimeError):
+    """The bus cannot be reached or a transaction cannot continue."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One record a transform wants produced. ``timestamp_ms=None`` lets the producer stamp it."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int | None = None
+
+
+def bootstrap_servers(explicit: str | None = None) -> str:
+    """``explicit``, else the ``bootstrap-servers`` setting, else the local broker that `vmh broker start` recorded."""
+    value = explicit or resolve("bootstrap-servers")
+    if value:
+        return value
+    from pipeline.bus.broker import broker_status
+
+    state = broker_status()
+    if state is None:
+        raise BusError("no Kafka broker: set --bootstrap-servers (VMH_BOOTSTRAP_SERVERS) or start the local one "
+                       f"with `vmh broker start` (port {resolve('broker-port')})")
+    return state.bootstrap
+
+
+def admin_client(bootstrap: str | None = None) -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=bootstrap_servers(bootstrap))
+
+
+def at_least_once_producer(bootstrap: str | None = None, **config) -> KafkaProducer:
+    """An idempotent producer (``acks=all``): every acknowledged record is stored once, per producer session."""
+    return KafkaProducer(
+        bootstrap_servers=bootstrap_servers(bootstrap), acks="all", enable_idempotence=True, linger_ms=5, **config
+    )
+
+
+def read_committed_consumer(
+    topics: Sequence[str], group_id: str | None = None, *, from_beginning: bool = True, bootstrap: str | None = None,
+    **config,
+) -> KafkaConsumer:
+    """A consumer that sees only committed records.
+
+    With ``group_id`` the topics' partitions are shared among the group's members and offsets are committed
+    automatically after records are handed out (at-least-once, if a batch is finished before the next poll).
+    Without it the consumer reads every partition of ``topics`` and commits nothing: what a query worker needs to
+    rebuild the full set of standing queries. ``from_beginning`` picks where reading starts when no offset is
+    committed.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers(bootstrap), group_id=group_id, isolation_level="read_committed",
+        auto_offset_reset="earliest" if from_beginning else "latest", allow_auto_create_topics=False, **config,
+    )
+    if group_id is not None:
+        consumer.subscribe(list(topics))
+        return consumer
+    partitions = []
+    for topic in topics:
+        ids = consumer.partitions_for_topic(topic)
+        if not ids:
+            consumer.close()
+            raise BusError(f"topic {topic!r} does not exist (create it with pipeline.bus.topics.create_topics)")
+        partitions += [TopicPartition(topic, p) for p in sorted(ids)]
+    consumer.assign(partitions)
+    return consumer
+
+
+def read_range(
+    topic: str, partition: int, start_offset: int, end_offset: int, *, bootstrap: str | None = None,
+    timeout_s: float = 30.0,
+) -> list[ConsumerRecord]:
+    """The committed records of one partition with ``start_offset <= offset < end_offset``, in offset order.
+
+    The range is clipped to what the partition holds (retention may have dropped its start; the end stops at the
+    last stable offset, before any open transaction). Offsets of aborted records and transaction markers are
+    skipped, so fewer than ``end_offset - start_offset`` records is normal.
+    """
+    if start_offset < 0 or end_offset < start_offset:
+        raise ValueError(f"bad offset range [{start_offset}, {end_offset})")
+    tp = TopicPartition(topic, partition)
+    consumer = _partition_reader(tp, bootstrap)
+    try:
+        start = max(start_offset, consumer.beginning_offsets([tp])[tp])
+        end = min(end_offset, consumer.end_offsets([tp])[tp])
+        records: list[ConsumerRecord] = []
+        if start >= end:
+            return records
+        consumer.seek(tp, start)
+        deadline = time.monotonic() + timeout_s
+        while consumer.position(tp) < end:
+            if time.monotonic() > deadline:
+                raise BusError(f"reading {topic}[{partition}] offsets [{start}, {end}) timed out after {timeout_s} s")
+            for record in consumer.poll(timeout_ms=200).get(tp, []):
+                if record.offset < end:
+                    records.append(record)
+        return records
+    finally:
+        consumer.close(autocommit=False)
+
+
+def offset_for_time(topic: str, partition: int, timestamp_ms: int, *, bootstrap: str | None = None) -> int:
+    """The first offset whose record timestamp is >= ``timestamp_ms`` (the end offset if there is none)."""
+    tp = TopicPartition(topic, partition)
+    consumer = _partition_reader(tp, bootstrap)
+    try:
+        found = consumer.offsets_for_times({tp: timestamp_ms})[tp]
+        return found.offset if found is not None else consumer.end_offsets([tp])[tp]
+    finally:
+        consumer.close(autocommit=False)
+
+
+def _partition_reader(tp: TopicPartition, bootstrap: str | None) -> KafkaConsumer:
+    """A group-less read_committed consumer assigned to one partition, for short reads."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers(bootstrap), group_id=None, isolation_level="read_committed",
+        enable_auto_commit=False, allow_auto_create_topics=False,
+    )
+    consumer.assign([tp])
+    return consumer
+
+
+Transform = Callable[[list[ConsumerRecord]], Iterable[Outgoing]]
+
+
+class ExactlyOnceProcessor:
+    """Consume ``topics`` in a consumer group, transform each polled batch, produce the results in a transaction.
+
+    One transaction holds a batch's outputs and the group offsets just past it (``send_offsets_to_transaction``
+    with the consumer's group metadata, so a member that was rebalanced away is fenced, KIP-447). Readers with
+    read_committed therefore see each output exactly once.
+
+    ``transform(records)`` gets one poll's records (grouped by partition, in offset order within each) and returns
+    or yields the ``Outgoing`` records to produce. If anything fails, the transaction is aborted and the batch's
+    partitions are rewound to their committed offsets. An exception from ``transform`` then propagates (the caller
+    decides whether to retry, route the record to the errors topic or stop); a Kafka error is logged and the batch
+    is retried on the next ``process_once``; a fatal one (e.g. fenced by a newer instance) raises ``BusError``.
+
+    Per-partition state: ``on_revoke(partitions)`` is called (in the processing thread, between batches) when
+    partitions leave this member, and ``on_assign({partition: next_offset})`` before the first batch of newly owned
+    partitions, so the caller can rebuild state from the log, e.g. with ``read_range(..., end_offset=next_offset)``.
+    After an abort, the batch's partitions go through the same revoke/assign pair, so state that the transform had
+    already advanced is rebuilt rather than reused.
+
+    ``transactional_id`` must be stable per worker instance (e.g. ``"encoder-0"``): a restarted instance with the
+    same id fences its predecessor and aborts the transaction it left open at once. It is also the consumer's
+    static group membership id (KIP-345), so the restarted instance takes its predecessor's place in the group at
+    once instead of waiting for the dead member's session to expire. The price: an instance that stops for good
+    keeps its partitions until ``session_timeout_ms`` (45 s by default; set it in ``consumer_config``) and leaves
+    its open transaction, if any, to expire after ``transaction_timeout_ms``, holding back read_committed readers
+    of the output partitions until then. Pass ``consumer_config={"group_instance_id": None}`` for dynamic
+    membership.
+    """
+
+    def __init__(
+        self,
+        topics: Sequence[str],
+        group_id: str,
+        transactional_id: str,
+        transform: Transform,
+        *,
+        on_assign: Callable[[dict[TopicPartition, int]], None] | None = None,
+        on_revoke: Callable[[set[TopicPartition]], None] | None = None,
+        bootstrap: str | None = None,
+        max_poll_records: int = 500,
+        transaction_timeout_ms: int = 10_000,
+        consumer_config: dict | None = None,
+        producer_config: dict | None = None,
+    ) -> None:
+        servers = bootstrap_servers(bootstrap)
+        self._transform, self._on_assign, self._on_revoke = transform, on_assign, on_revoke
+        self._producer = KafkaProducer(
+            bootstrap_servers=servers, transactional_id=transactional_id, transaction_timeout_ms=transaction_timeout_ms,
+            acks="all", **(producer_config or {}),
+        )
+        try:
+            # before the consumer fetches committed offsets: this waits for a predecessor's half-committed transaction
+            self._producer.init_transactions()
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=servers, group_id=group_id, isolation_level="read_committed",
+                enable_auto_commit=False, max_poll_records=max_poll_records, allow_auto_create_topics=False,
+                **{"auto_offset_reset": "earliest", "partition_assignment_strategy": [CooperativeStickyAssignor],
+                   "group_instance_id": transactional_id, **(consumer_config or {})},
+            )
+        except BaseException:
+            self._producer.close()
+            raise
+        self._moves = _RevocationLog()
+        self._consumer.subscribe(list(topics), listener=self._moves)
+        self._owned: set[TopicPartition] = set()
+
+    def process_once(self, timeout_ms: int = 1000) -> int:
+        """Poll once and commit what came in as one transaction; return how many records were consumed."""
+        polled = self._consumer.poll(timeout_ms=timeout_ms)
+        try:
+            self._apply_moves(polled)
+        except BaseException:
+            pass  # the partitions are re-announced, and their records polled again, next time
+            raise
+        polled = {tp: records for tp, records in polled.items() if tp in self._owned and records}
+        if not polled:
+            return 0
+        batch = [record for records in polled.values() for record in records]
+        offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in polled.items()}
+        self._producer.begin_transaction()
+        try:
+            for out in self._transform(batch):
+                self._producer.send(out.topic, value=out.value, key=out.key, headers=list(out.headers),
+                                    timestamp_ms=out.timestamp_ms)
+            self._producer.send_offsets_to_transaction(offsets, self._consumer.group_metadata())
+            self._producer.commit_transaction()
+        except KafkaError as e:
+            self._abort_and_rewind(polled, e)
+            log.warning("transaction of %d records aborted and rewound: %r", len(batch), e)
+            return 0
+        except BaseException as e:
+            self._abort_and_rewind(polled, e)
+            raise
+        return len(batch)
+
+    def run(self, stop: threading.Event | None = None, poll_timeout_ms: int = 1000) -> None:
+        """Process batches until ``stop`` is set (forever without one), then close."""
+        try:
+            while stop is None or not stop.is_set():
+                self.process_once(poll_timeout_ms)
+        finally:
+            self.close()
+
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions this member owns (as of the last batch)."""
+        return set(self._owned)
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Committed records not yet handed to ``transform``, per owned partition (one ListOffsets request)."""
+        ends = self._consumer.end_offsets(list(self._owned)) if self._owned else {}
+        return {tp: max(0, end - self._consumer.position(tp)) for tp, end in ends.items()}
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+        self._producer.close()
+
+    def __enter__(self) -> ExactlyOnceProcessor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _apply_moves(self, polled: dict) -> None:
+        """Tell the caller which partitions left (revoked or lost) and which arrived, and where the latter resume."""
+        current = self._consumer.assignment()
+        gone = (self._owned & self._moves.take()) | (self._owned - current)
+        if gone:
+            self._owned -= gone
+            if self._on_revoke is not None:
+                self._on_revoke(gone)
+        arrived = current - self._owned
+        if arrived:
+            positions = {tp: polled[tp][0].offset if polled.get(tp) else self._consumer.position(tp) for tp in arrived}
+            if self._on_assign is not None:
+                self._on_assign(positions)
+            self._owned |= arrived
+
+    def _abort_and_rewind(self, polled: dict, cause: BaseException) -> None:
+        try:
+            self._producer.abort_transaction()
+        except Exception as e:
+            raise BusError(f"cannot abort the transaction after {cause!r}; this processor must be recreated") from e
+        self._rewind(polled)
+        rewound = set(polled) & self._owned
+        self._owned -= rewound  # re-announced by on_assign on the next batch
+        if rewound and self._on_revoke is not None:
+            self._on_revoke(rewound)
+
+    def _rewind(self, polled: dict) -> None:
+        """Seek back to the first polled record of each still-assigned partition, so no record is skipped."""
+        assigned = self._consumer.assignment()
+        for tp, records in polled.items():
+            if tp in assigned and records:
+                self._consumer.seek(tp, records[0].offset)
+
+
+class _RevocationLog(ConsumerRebalanceListener):
+    """Records revoked (or lost) partitions. The callbacks run on kafka-python's IO thread, where blocking work
+    would stall heartbeats, so the processor acts on them in its own thread between batches."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._revoked: set[TopicPartition] = set()
+
+    def on_partitions_revoked(self, revoked) -> None:
+        with self._lock:
+            self._revoked |= set(revoked)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        pass
+
+    def take(self) -> set[TopicPartition]:
+        with self._lock:
+            taken, self._revoked = self._revoked, set()
+        return taken

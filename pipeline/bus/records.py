@@ -1,0 +1,446 @@
+"""The records on the wire: what each topic carries and how it is encoded.
+
+Features and moment codes are the high-volume records, so they use a compact binary layout: a fixed little-endian
+header (magic ``b"VMH"``, record type, format version, flags, stream id length), the stream id in UTF-8, the
+record's fixed fields, then the raw array bytes (float16 features or packed uint8 codes). A 1280-d feature record
+is about 2.6 kB, and encoding is a ``struct.pack`` plus one ``tobytes``. Standing queries, match events and errors
+are JSON (UTF-8, with ``"type"`` and ``"v"`` fields) so that any Kafka client or a human can read them.
+
+``decode`` raises ``MalformedRecord`` and nothing else for bytes that are not a valid record, so a worker can
+route any bad record to the errors topic without knowing what went wrong inside the decoder. Constructing a
+record with invalid fields raises ``InvalidRecord`` (``InvalidQuery`` for a bad standing query).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+VERSION = 1
+MAGIC = b"VMH"
+MAX_KEY_BYTES = 256  # stream ids and query ids, in UTF-8
+MAX_MODEL_BYTES = 256
+MAX_QUERY_CHARS = 1000
+MAX_CODE_BITS = 4096
+
+# magic, record type, version, flags, stream id length; then the stream id
+PREFIX = struct.Struct("<3sBBBH")
+# second index t, media time, capture time, gap seconds, feature dimension; then float16 [V]
+FEATURES_FIELDS = struct.Struct("<qdddI")
+# start, end, capture time, emitted time, bits, model id length; then the model id, then uint8 [bits / 8]
+MOMENT_FIELDS = struct.Struct("<qqddHH")
+
+_FEATURES_TYPE, _MOMENT_TYPE = 1, 2
+_GAP_FLAG = 1
+_FLOAT16 = np.dtype("<f2")
+
+# error kinds the pipeline itself reports; workers may report others
+CORRUPT_VIDEO = "corrupt_video"
+DEAD_SOURCE = "dead_source"
+MALFORMED_RECORD = "malformed_record"
+BAD_QUERY = "bad_query"
+
+
+class InvalidRecord(ValueError):
+    """A record cannot be built from these fields."""
+
+
+class InvalidQuery(InvalidRecord):
+    """A standing query is unusable: empty or too long text, or a bad code or threshold."""
+
+
+class MalformedRecord(ValueError):
+    """Bytes that do not decode to a valid record."""
+
+
+class _Record:
+    """Equality by value, with arrays compared by dtype, shape and bytes."""
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+                and a.shape == b.shape and a.tobytes() == b.tobytes())
+    return a == b
+
+
+@dataclass(frozen=True, eq=False)
+class FrameFeatures(_Record):
+    """One second of one stream: the pooled frame-CNN feature vector of media second ``t``.
+
+    ``gap`` marks the first second after a reconnect, and ``gap_seconds`` how much media time was lost before it.
+    """
+
+    KIND: ClassVar[str] = "features"
+    stream_id: str
+    t: int
+    media_time: float
+    capture_time: float
+    features: np.ndarray
+    gap: bool = False
+    gap_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_key("stream_id", self.stream_id)
+        _check_int("t", self.t, low=0)
+        _check_times(self, "media_time", "capture_time", "gap_seconds")
+        if self.gap_seconds < 0 or (self.gap_seconds > 0 and not self.gap):
+            raise InvalidRecord(f"gap_seconds {self.gap_seconds} needs gap=True and must be >= 0")
+        array = np.asarray(self.features)
+        if array.ndim != 1 or array.size == 0 or not (np.issubdtype(array.dtype, np.floating)
+                                                     or np.issubdtype(array.dtype, np.integer)):
+            raise InvalidRecord(f"features must be a non-empty 1-d numeric vector, got {array.dtype} {array.shape}")
+        _freeze(self, "features", array.astype(np.float16, copy=False))
+
+
+@dataclass(frozen=True, eq=False)
+class MomentCode(_Record):
+    """A candidate moment [start, end) seconds of a stream with its packed B-bit hash code.
+
+    ``capture_time`` is the wall-clock capture time of the moment's last second, so consumers can measure the
+    end-to-end latency; ``model`` names the model (and version) whose code space the code lives in.
+    """
+
+    KIND: ClassVar[str] = "moment"
+    stream_id: str
+    start: int
+    end: int
+    code: np.ndarray
+    bits: int
+    capture_time: float
+    emitted_time: float
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        _check_key("stream_id", self.stream_id)
+        _check_int("start", self.start, low=0)
+        _check_int("end", self.end, low=self.start + 1)
+        _check_times(self, "capture_time", "emitted_time")
+        _check_text("model", self.model, MAX_MODEL_BYTES)
+        _freeze(self, "code", _check_code(self.code, self.bits, InvalidRecord))
+
+
+@dataclass(frozen=True, eq=False)
+class StandingQuery(_Record):
+    """A registered query: match every new moment within ``threshold`` bits (Hamming distance) of ``code``.
+
+    ``code`` may be None for a query given only as ``text``, for the query worker to encode; ``bits`` is then 0.
+    """
+
+    KIND: ClassVar[str] = "query"
+    query_id: str
+    text: str | None
+    code: np.ndarray | None
+    bits: int
+    threshold: int
+    created_time: float
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            _check_key("query_id", self.query_id)
+            _check_int("threshold", self.threshold, low=0)
+            _check_times(self, "created_time")
+            _check_text("model", self.model, MAX_MODEL_BYTES)
+        except InvalidRecord as error:
+            raise InvalidQuery(str(error)) from None
+        if self.text is not None:
+            if not isinstance(self.text, str) or not self.text.strip():
+                raise InvalidQuery(f"query {self.query_id!r}: text must be a non-empty string, got {self.text!r}")
+            if not _encodable(self.text):
+                raise InvalidQuery(f"query {self.query_id!r}: text cannot be encoded as UTF-8")
+            if len(self.text) > MAX_QUERY_CHARS:
+                raise InvalidQuery(f"query {self.query_id!r}: text has {len(self.text)} characters, "
+                                   f"more than {MAX_QUERY_CHARS}")
+        if self.code is None:
+            if self.text is None or self.bits != 0:
+                raise InvalidQuery(f"query {self.query_id!r}: without a code it needs text and bits=0")
+            return
+        _freeze(self, "code", _check_code(self.code, self.bits, InvalidQuery))
+        if self.threshold > self.bits:
+            raise InvalidQuery(f"query {self.query_id!r}: threshold {self.threshold} exceeds {self.bits} bits")
+
+
+@dataclass(frozen=True, eq=False)
+class MatchEvent(_Record):
+    """A moment of a stream whose code is within a standing query's threshold."""
+
+    KIND: ClassVar[str] = "match"
+    query_id: str
+    stream_id: str
+    start: int
+    end: int
+    distance: int
+    bits: int
+    capture_time: float
+    match_time: float
+
+    def __post_init__(self) -> None:
+        _check_key("query_id", self.query_id)
+        _check_key("stream_id", self.stream_id)
+        _check_int("start", self.start, low=0)
+        _check_int("end", self.end, low=self.start + 1)
+        _check_int("bits", self.bits, low=8, high=MAX_CODE_BITS)
+        _check_int("distance", self.distance, low=0, high=self.bits)
+        _check_times(self, "capture_time", "match_time")
+
+    @property
+    def score(self) -> int:
+        """The +-1 inner product of the two codes, B - 2d: what the model ranks by."""
+        return self.bits - 2 * self.distance
+
+    @property
+    def latency(self) -> float:
+        """Seconds from the capture of the moment's last second to the match."""
+        return self.match_time - self.capture_time
+
+
+@dataclass(frozen=True, eq=False)
+class ErrorRecord(_Record):
+    """Something a worker could not process, e.g. kind ``corrupt_video`` from a producer or ``malformed_record``
+    with ``context`` holding the topic, partition and offset of the bad record."""
+
+    KIND: ClassVar[str] = "error"
+    source: str
+    kind: str
+    message: str
+    time: float
+    context: dict[str, str | int | float | bool | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_key("source", self.source)
+        _check_text("kind", self.kind, MAX_KEY_BYTES, empty=False)
+        _check_text("message", self.message, None)
+        _check_times(self, "time")
+        if not isinstance(self.context, dict) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
+                for k, v in self.context.items()):
+            raise InvalidRecord(f"context must map strings to scalars, got {self.context!r}")
+
+
+Record = FrameFeatures | MomentCode | StandingQuery | MatchEvent | ErrorRecord
+_JSON_TYPES: dict[str, type] = {cls.KIND: cls for cls in (StandingQuery, MatchEvent, ErrorRecord)}
+
+
+def encode(record: Record) -> bytes:
+    """The bytes of a record: binary for features and moments, UTF-8 JSON for the rest."""
+    if isinstance(record, FrameFeatures):
+        sid = record.stream_id.encode()
+        head = PREFIX.pack(MAGIC, _FEATURES_TYPE, VERSION, _GAP_FLAG if record.gap else 0, len(sid))
+        fields = FEATURES_FIELDS.pack(record.t, record.media_time, record.capture_time, record.gap_seconds,
+                                      record.features.size)
+        return b"".join((head, sid, fields, record.features.astype(_FLOAT16, copy=False).tobytes()))
+    if isinstance(record, MomentCode):
+        sid, model = record.stream_id.encode(), record.model.encode()
+        head = PREFIX.pack(MAGIC, _MOMENT_TYPE, VERSION, 0, len(sid))
+        fields = MOMENT_FIELDS.pack(record.start, record.end, record.capture_time, record.emitted_time, record.bits,
+                                    len(model))
+        return b"".join((head, sid, fields, model, record.code.tobytes()))
+    if isinstance(record, (StandingQuery, MatchEvent, ErrorRecord)):
+        obj: dict[str, Any] = {"type": record.KIND, "v": VERSION}
+        obj.update((f.name, getattr(record, f.name)) for f in dataclasses.fields(record))
+        if isinstance(record, StandingQuery):
+            obj["code"] = None if record.code is None else record.code.tobytes().hex()
+        if isinstance(record, MatchEvent):
+            obj["score"] = record.score
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    raise TypeError(f"not a record: {type(record).__name__}")
+
+
+def decode(data: bytes | None, expected: type | None = None) -> Record:
+    """The record in ``data``; ``expected`` (a record class) also requires that type. Raises ``MalformedRecord``."""
+    if data is None:
+        raise MalformedRecord("a tombstone (None value) is not a record; check is_tombstone first")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedRecord(f"record value must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    try:
+        if data[:3] == MAGIC:
+            record = _decode_binary(data)
+        elif data.lstrip()[:1] == b"{":
+            record = _decode_json(data)
+        else:
+            raise MalformedRecord(f"not a VMH record: starts with {data[:8]!r}")
+    except InvalidRecord as error:
+        raise MalformedRecord(f"invalid record: {error}") from None
+    if expected is not None and not isinstance(record, expected):
+        raise MalformedRecord(f"expected a {expected.__name__}, got a {type(record).__name__}")
+    return record
+
+
+def is_tombstone(value: bytes | None) -> bool:
+    """A Kafka record with a None value: on the queries topic, the deletion of the query of its key."""
+    return value is None
+
+
+def record_key(record: Record) -> bytes:
+    """The Kafka key: the stream id for per-stream records, the query id for queries and matches, else the source."""
+    if isinstance(record, (FrameFeatures, MomentCode)):
+        return record.stream_id.encode()
+    if isinstance(record, (StandingQuery, MatchEvent)):
+        return record.query_id.encode()
+    if isinstance(record, ErrorRecord):
+        return record.source.encode()
+    raise TypeError(f"not a record: {type(record).__name__}")
+
+
+def _decode_binary(data: bytes) -> Record:
+    magic, rtype, version, flags, sid_len = _unpack(PREFIX, data, 0, "header")
+    if version != VERSION:
+        raise MalformedRecord(f"binary record version {version} is not supported (this is version {VERSION})")
+    offset = PREFIX.size
+    stream_id = _text(data[offset:offset + sid_len], sid_len, "stream id")
+    offset += sid_len
+    if rtype == _FEATURES_TYPE:
+        if flags & ~_GAP_FLAG:
+            raise MalformedRecord(f"unknown flags {flags:#x} in a features record")
+        t, media_time, capture_time, gap_seconds, dim = _unpack(FEATURES_FIELDS, data, offset, "features fields")
+        offset += FEATURES_FIELDS.size
+        _expect_length(data, offset + 2 * dim, "features")
+        features = np.frombuffer(data, dtype=_FLOAT16, count=dim, offset=offset)
+        return FrameFeatures(stream_id, t, media_time, capture_time, features, bool(flags & _GAP_FLAG), gap_seconds)
+    if rtype == _MOMENT_TYPE:
+        if flags:
+            raise MalformedRecord(f"unknown flags {flags:#x} in a moment record")
+        start, end, capture_time, emitted_time, bits, model_len = _unpack(MOMENT_FIELDS, data, offset, "moment fields")
+        offset += MOMENT_FIELDS.size
+        model = _text(data[offset:offset + model_len], model_len, "model id")
+        offset += model_len
+        if bits % 8:
+            raise MalformedRecord(f"moment code of {bits} bits is not whole bytes")
+        _expect_length(data, offset + bits // 8, "moment")
+        code = np.frombuffer(data, dtype=np.uint8, count=bits // 8, offset=offset)
+        return MomentCode(stream_id, start, end, code, bits, capture_time, emitted_time, model)
+    raise MalformedRecord(f"unknown binary record type {rtype}")
+
+
+def _decode_json(data: bytes) -> Record:
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise MalformedRecord(f"not valid UTF-8 JSON: {error}") from None
+    if not isinstance(obj, dict):
+        raise MalformedRecord(f"a JSON record must be an object, got {type(obj).__name__}")
+    cls = _JSON_TYPES.get(obj.get("type")) if isinstance(obj.get("type"), str) else None
+    if cls is None:
+        raise MalformedRecord(f"unknown record type {obj.get('type')!r}; known: {', '.join(_JSON_TYPES)}")
+    if type(obj.get("v")) is not int or obj["v"] != VERSION:
+        raise MalformedRecord(f"{cls.KIND} record version {obj.get('v')!r} is not supported (this is version {VERSION})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in obj:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise MalformedRecord(f"{cls.KIND} record has no field {f.name!r}")
+            continue
+        kwargs[f.name] = _typed(cls, f.name, obj[f.name], f.type)
+    if cls is StandingQuery and kwargs["code"] is not None:
+        try:
+            kwargs["code"] = np.frombuffer(bytes.fromhex(kwargs["code"]), dtype=np.uint8)
+        except ValueError:
+            raise MalformedRecord(f"query code {kwargs['code'][:40]!r} is not hex") from None
+    record = cls(**kwargs)
+    if cls is MatchEvent and obj.get("score") != record.score:
+        raise MalformedRecord(f"match score {obj.get('score')!r} is not bits - 2 * distance = {record.score}")
+    return record
+
+
+# JSON field types by annotation (the module uses postponed annotations, so these are strings)
+_JSON_CHECKS: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "str | None": (str, type(None)),
+    "np.ndarray | None": (str, type(None)), "dict[str, str | int | float | bool | None]": (dict,),
+}
+
+
+def _typed(cls: type, name: str, value: Any, annotation: str) -> Any:
+    allowed = _JSON_CHECKS[annotation]
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise MalformedRecord(f"{cls.KIND} field {name!r} has the wrong type: {type(value).__name__}")
+    if annotation != "float":
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise MalformedRecord(f"{cls.KIND} field {name!r} is out of range: {value}") from None
+
+
+def _unpack(layout: struct.Struct, data: bytes, offset: int, what: str) -> tuple:
+    if len(data) < offset + layout.size:
+        raise MalformedRecord(f"truncated record: {len(data)} bytes end inside the {what}")
+    return layout.unpack_from(data, offset)
+
+
+def _expect_length(data: bytes, length: int, what: str) -> None:
+    if len(data) != length:
+        raise MalformedRecord(f"{what} record should be {length} bytes, got {len(data)}")
+
+
+def _text(raw: bytes, length: int, what: str) -> str:
+    if len(raw) != length:
+        raise MalformedRecord(f"truncated record: the {what} needs {length} bytes, {len(raw)} left")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedRecord(f"the {what} is not UTF-8: {raw[:40]!r}") from None
+
+
+def _check_key(name: str, value: Any) -> None:
+    _check_text(name, value, MAX_KEY_BYTES, empty=False)
+
+
+def _check_text(name: str, value: Any, max_bytes: int | None, empty: bool = True) -> None:
+    if not isinstance(value, str) or (not empty and not value):
+        raise InvalidRecord(f"{name} must be a {'' if empty else 'non-empty '}string, got {value!r}")
+    if not _encodable(value):
+        raise InvalidRecord(f"{name} {value!r} cannot be encoded as UTF-8")
+    if max_bytes is not None and len(value.encode()) > max_bytes:
+        raise InvalidRecord(f"{name} is {len(value.encode())} bytes in UTF-8, more than {max_bytes}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
+
+
+def _check_int(name: str, value: Any, low: int, high: int = 2**63 - 1) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidRecord(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_times(record: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(record, name)
+        if not isinstance(value, (int, float, np.floating, np.integer)) or isinstance(value, bool) \
+                or not math.isfinite(value):
+            raise InvalidRecord(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_code(code: Any, bits: Any, error: type[InvalidRecord]) -> np.ndarray:
+    array = np.asarray(code)
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise error(f"a code must be a 1-d uint8 array of packed bits, got {array.dtype} {array.shape}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits != 8 * array.size \
+            or not 8 <= bits <= MAX_CODE_BITS:
+        raise error(f"bits {bits!r} must be 8 * {array.size} (the code's bytes), in [8, {MAX_CODE_BITS}]")
+    return array
+
+
+def _freeze(record: Any, name: str, array: np.ndarray) -> None:
+    # records are immutable: keep read-only arrays (e.g. views of the decoded bytes), copy writeable ones
+    if array.flags.writeable:
+        array = array.copy()
+        array.flags.writeable = False
+    object.__setattr__(record, name, array)

@@ -1,0 +1,78 @@
+"""Sampled frames of many streams in, per-second feature records out: the producer worker's logic, without Kafka.
+
+Each stream's seconds are numbered 0, 1, 2, ... by this session, contiguously: a reconnect keeps counting and marks
+the lost media time on the first record after it, so the encoder downstream always sees one unbroken sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pipeline.bus.records import CORRUPT_VIDEO, DEAD_SOURCE, ErrorRecord, FrameFeatures
+from pipeline.features.backbone import FrameEncoder
+from pipeline.features.pooling import PooledSecond, SecondPooler
+from pipeline.video.multi import Item, StreamEnded, StreamError
+from pipeline.video.source import CorruptSource, SampledFrame
+
+
+@dataclass
+class Featurized:
+    """What one batch of decoded items became."""
+
+    records: list[FrameFeatures] = field(default_factory=list)
+    errors: list[ErrorRecord] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
+    frames: dict[str, int] = field(default_factory=dict)  # sampled frames per stream
+
+
+class LiveFeaturizer:
+    """Batches frames of all streams through the CNN at once and pools them into one record per stream second."""
+
+    def __init__(self, encoder: FrameEncoder, clock: Callable[[], float] = time.time) -> None:
+        self.encoder = encoder
+        self.pooler = SecondPooler()
+        self.clock = clock
+        self._next_t: dict[str, int] = {}
+
+    def process(self, items: Sequence[Item]) -> Featurized:
+        out = Featurized()
+        frames = [item for item in items if isinstance(item, SampledFrame)]
+        if frames:
+            features = self.encoder.encode(np.stack([f.rgb for f in frames]))
+            out.records += self._records(self.pooler.add(frames, features))
+            out.frames = Counter(f.stream_id for f in frames)
+        for item in items:
+            if isinstance(item, (StreamEnded, StreamError)):
+                out.records += self._records(self.pooler.flush(item.stream_id))
+                out.ended.append(item.stream_id)
+            if isinstance(item, StreamError):
+                out.errors.append(self._error(item))
+        return out
+
+    def _records(self, seconds: list[PooledSecond]) -> list[FrameFeatures]:
+        records = []
+        for second in seconds:
+            t = self._next_t.get(second.stream_id, 0)
+            self._next_t[second.stream_id] = t + 1
+            records.append(
+                FrameFeatures(
+                    stream_id=second.stream_id,
+                    t=t,
+                    media_time=float(second.second),
+                    capture_time=second.capture_time,
+                    features=second.vector,
+                    gap=second.gap > 0,
+                    gap_seconds=float(second.gap),
+                )
+            )
+        return records
+
+    def _error(self, item: StreamError) -> ErrorRecord:
+        kind = CORRUPT_VIDEO if isinstance(item.error, CorruptSource) else DEAD_SOURCE
+        return ErrorRecord(source=item.stream_id, kind=kind, message=f"stream {item.stream_id}: {item.error}",
+                           time=self.clock())

@@ -1,0 +1,259 @@
+"""Exact Hamming search over packed binary codes: top-k and range search, with faiss ``IndexBinaryFlat``'s results.
+
+Conventions, as faiss (the tests check equality with faiss-cpu): top-k distances ascend and ties go to the lower
+database index; when k exceeds the database, rows are padded with distance ``MISSING_DISTANCE`` (INT32_MAX) and
+index -1; ``range_search`` returns, per query, the codes with distance strictly below the radius in database order.
+
+The database is scanned in tiles with one of two kernels:
+- ``popcount``: XOR with each query and ``np.bitwise_count`` on the widest words, cheapest for a few queries;
+- ``matmul``: with the codes as +-1 vectors, q . x = bits - 2 d(q, x), so a block of queries against a tile of
+  codes is one int8 matrix product (``torch._int_mm``), which the CPU's int8 dot-product instructions compute
+  faster than per-pair popcounts; it reads an unpacked copy of the database (bits bytes per code).
+Top-k never sorts a tile: each query keeps a bound (its k-th best distance so far, set from the first tile by a
+partition), only codes strictly below it are collected (a later code loses ties), with one scalar comparison per
+tile, and the collected candidates are compacted with one sort of packed (query, distance, index) keys when they
+outgrow a budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from pipeline.codes.packing import CodeError, as_words
+
+if TYPE_CHECKING:
+    import torch
+
+MISSING_DISTANCE = int(np.iinfo(np.int32).max)
+MISSING_INDEX = -1
+KERNELS = ("auto", "popcount", "matmul")
+MATMUL_MIN_QUERIES = 16  # from this many queries on, "auto" uses the matmul kernel
+_POPCOUNT_TILE_PAIRS = 1 << 16  # query x code pairs per popcount tile: the uint64 scratch stays in L2
+_MATMUL_TILE = 2048  # database codes per matmul tile
+_MATMUL_BLOCK = 64  # queries per matrix product: the int32 output tile stays in L2
+_COMPACT_BUDGET = 1 << 16  # candidates collected before they are compacted to k per query (at least 4k per query)
+
+
+class BinaryIndex:
+    """Packed ``bits``-bit codes searched exhaustively, like faiss ``IndexBinaryFlat(bits)``.
+
+    ``add`` only appends; the layouts the kernels read (word planes, unpacked bits) are built on the first search
+    after it and kept, so build the index once and search it many times.
+    """
+
+    def __init__(self, bits: int, kernel: str = "auto") -> None:
+        if bits <= 0 or bits % 8:
+            raise CodeError(f"code length must be a positive multiple of 8 bits, got {bits}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.bits, self.kernel = bits, kernel
+        self._codes = np.empty((0, bits // 8), np.uint8)
+        self._planes: np.ndarray | None = None  # [words, N]: word w of every code, contiguous
+        self._signs: torch.Tensor | None = None  # int8 [bits, N] of +-1, for the matmul kernel
+
+    @property
+    def ntotal(self) -> int:
+        return len(self._codes)
+
+    def add(self, codes: np.ndarray) -> None:
+        self._codes = np.concatenate([self._codes, self._check(codes, "codes")])
+        self._planes = self._signs = None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distances int32 [Q, k] ascending and database indices int64 [Q, k] of the k nearest codes."""
+        queries = self._check(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        best = _TopK(len(queries), int(k), self.bits, self.ntotal)
+        scale, tiles = self._tiles(queries)
+        for q0, n0, values in tiles:
+            best.offer(q0, n0, values, scale)
+        return best.result()
+
+    def range_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Codes at distance < radius: ``lims`` int64 [Q + 1], distances int32 and indices int64, where query i's
+        results are ``[lims[i]:lims[i + 1]]`` in database order."""
+        queries = self._check(queries, "queries")
+        if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)):
+            raise ValueError(f"radius must be an integer, got {radius!r}")
+        rows, dists, cols = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        scale, tiles = self._tiles(queries)
+        for q0, n0, values in tiles:
+            r, c = _nonzero(values < _clip(scale.value(int(radius)), values.dtype))
+            rows.append(r + q0)
+            dists.append(scale.distance(values[r, c]))
+            cols.append(c + n0)
+        q = np.concatenate(rows)
+        order = np.argsort(q, kind="stable")  # tiles come in database order, so each query's results stay in it
+        lims = np.zeros(len(queries) + 1, np.int64)
+        np.cumsum(np.bincount(q, minlength=len(queries)), out=lims[1:])
+        return lims, np.concatenate(dists)[order].astype(np.int32), np.concatenate(cols)[order].astype(np.int64)
+
+    def _check(self, codes: np.ndarray, name: str) -> np.ndarray:
+        codes = np.asarray(codes)
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.bits // 8:
+            raise CodeError(f"{name} must be uint8 [n, {self.bits // 8}] for {self.bits}-bit codes, "
+                            f"got {codes.dtype} {list(codes.shape)}")
+        return codes
+
+    def _tiles(self, queries: np.ndarray) -> tuple[_Scale, Iterator[tuple[int, int, np.ndarray]]]:
+        """The kernel's value scale and its tiles (first query, first code, values [Qb, Nb]) in database order."""
+        use_matmul = self.kernel == "matmul" or (self.kernel == "auto" and len(queries) >= MATMUL_MIN_QUERIES)
+        if not (len(queries) and self.ntotal):
+            return _Scale(1, 0), iter(())
+        if use_matmul:
+            return _Scale(2, self.bits), self._matmul_tiles(queries)
+        return _Scale(1, 0), self._popcount_tiles(queries)
+
+    def _popcount_tiles(self, queries: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Values are distances."""
+        if self._planes is None:
+            self._planes = np.ascontiguousarray(as_words(self._codes).T)
+        planes, words = self._planes, as_words(queries)
+        block = min(len(queries), 64)
+        tile = max(_POPCOUNT_TILE_PAIRS // block, 1024)
+        scratch = np.empty((block, tile), planes.dtype)
+        counts = np.empty((block, tile), np.uint8)
+        total = np.empty((block, tile), np.min_scalar_type(self.bits))
+        for n0 in range(0, self.ntotal, tile):
+            n1 = min(n0 + tile, self.ntotal)
+            for q0 in range(0, len(queries), block):
+                q1 = min(q0 + block, len(queries))
+                buf, acc, tmp = scratch[:q1 - q0, :n1 - n0], total[:q1 - q0, :n1 - n0], counts[:q1 - q0, :n1 - n0]
+                for w in range(planes.shape[0]):
+                    np.bitwise_xor(planes[w, n0:n1], words[q0:q1, w, None], out=buf)
+                    if w == 0:
+                        np.bitwise_count(buf, out=acc)
+                    else:
+                        np.add(acc, np.bitwise_count(buf, out=tmp), out=acc)
+                yield q0, n0, acc
+
+    def _matmul_tiles(self, queries: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Values are 2d - bits: with +-1 codes, -q . x = 2 d(q, x) - bits, one int8 matrix product per block."""
+        import torch
+
+        if self._signs is None:
+            self._signs = torch.from_numpy(_signs(self._codes).T.copy())
+        negated = torch.from_numpy(-_signs(queries))
+        for n0 in range(0, self.ntotal, _MATMUL_TILE):
+            tile = self._signs[:, n0:n0 + _MATMUL_TILE]
+            for q0 in range(0, len(queries), _MATMUL_BLOCK):
+                yield q0, n0, torch._int_mm(negated[q0:q0 + _MATMUL_BLOCK], tile).numpy()
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """How a kernel's tile values relate to distances: v = factor * d - shift (monotonic, so v compares as d)."""
+
+    factor: int
+    shift: int
+
+    def value(self, distance: int) -> int:
+        return self.factor * distance - self.shift
+
+    def distance(self, values: np.ndarray) -> np.ndarray:
+        return (values.astype(np.int64) + self.shift) // self.factor
+
+
+class _TopK:
+    """The k smallest (distance, index) pairs per query, fed distance tiles in increasing database order."""
+
+    def __init__(self, queries: int, k: int, bits: int, n: int) -> None:
+        self.k, self.bits, self.n = k, bits, max(n, 1)
+        self.bound = np.full(queries, bits + 1, np.int64)  # a new code is a candidate only if its distance < bound
+        self.found: list[np.ndarray] = []  # packed keys (query, distance, index), see _pack
+        self.pending = 0
+        self.budget = max(4 * queries * k, _COMPACT_BUDGET)
+
+    def offer(self, q0: int, n0: int, values: np.ndarray, scale: _Scale) -> None:
+        limit = self.bound[q0:q0 + len(values)]
+        loosest = int(limit.max())
+        if loosest > self.bits and values.shape[1] >= self.k:  # some query has no k codes yet
+            limit = self._bound_by_first_tile(q0, values, scale)
+            loosest = int(limit.max())
+        # one scalar comparison against the block's loosest limit (fast in any dtype), then the exact limits
+        r, c = _nonzero(values < _clip(scale.value(loosest), values.dtype))
+        if not len(r):
+            return
+        d = scale.distance(values[r, c])
+        keep = d < limit[r]
+        self.found.append(self._pack(r[keep] + q0, d[keep], c[keep] + n0))
+        self.pending += len(self.found[-1])
+        if self.pending > self.budget:
+            self._compact()
+
+    def _bound_by_first_tile(self, q0: int, values: np.ndarray, scale: _Scale) -> np.ndarray:
+        """Bound the queries without k codes by the k-th distance of this tile; return this tile's limits."""
+        limit = self.bound[q0:q0 + len(values)].copy()
+        fresh = np.flatnonzero(limit > self.bits)
+        kth = scale.distance(np.partition(values[fresh], self.k - 1, axis=1)[:, self.k - 1])
+        limit[fresh] = kth + 1  # ties within this tile are kept, the sort by index settles them
+        self.bound[q0 + fresh] = kth  # later codes lose ties to these k
+        return limit
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        q, d, i, rank = self._compact()
+        distances = np.full((len(self.bound), self.k), MISSING_DISTANCE, np.int32)
+        indices = np.full((len(self.bound), self.k), MISSING_INDEX, np.int64)
+        distances[q, rank], indices[q, rank] = d, i
+        return distances, indices
+
+    def _pack(self, q: np.ndarray, d: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return (q.astype(np.int64) * (self.bits + 1) + d) * self.n + i
+
+    def _compact(self) -> tuple[np.ndarray, ...]:
+        """Keep the k best found per query, tighten the bounds; return the survivors as (q, d, i, rank)."""
+        keys = np.sort(np.concatenate(self.found)) if self.found else np.empty(0, np.int64)
+        qd, i = np.divmod(keys, self.n)
+        q, d = np.divmod(qd, self.bits + 1)
+        rank = np.arange(len(q)) - np.searchsorted(q, q)
+        keep = rank < self.k
+        q, d, i, rank, keys = q[keep], d[keep], i[keep], rank[keep], keys[keep]
+        full = rank == self.k - 1
+        self.bound[q[full]] = np.minimum(self.bound[q[full]], d[full])
+        self.found, self.pending = [keys], len(keys)
+        return q, d, i, rank
+
+
+def _signs(codes: np.ndarray) -> np.ndarray:
+    """int8 [n, bits] of +-1 from packed codes."""
+    return (np.unpackbits(codes, axis=1).view(np.int8) << 1) - 1
+
+
+def _clip(value: int, dtype: np.dtype) -> int:
+    """A comparison bound in the tile's dtype, so the tile is not upcast. Exact: tile values never reach the
+    dtype's limits (distances are at most ``bits``)."""
+    info = np.iinfo(dtype)
+    return min(max(value, int(info.min)), int(info.max))
+
+
+def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero of a contiguous 2-d bool mask, fast when it is sparse: scan it eight bytes at a time."""
+    flat = mask.reshape(-1)
+    head = flat.size // 8 * 8
+    words = flat[:head].view(np.uint64).nonzero()[0]
+    spots = (words[:, None] * 8 + np.arange(8)).ravel()
+    spots = np.concatenate([spots[flat[spots]], head + flat[head:].nonzero()[0]])
+    return np.divmod(spots, mask.shape[1])
+
+
+def topk(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest ``codes`` [N, W] of each of ``queries`` [Q, W] (packed uint8): (distances, indices)."""
+    return _index(codes).search(queries, k)
+
+
+def range_search(queries: np.ndarray, codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every code at Hamming distance < radius of each query: (lims, distances, indices), as faiss."""
+    return _index(codes).range_search(queries, radius)
+
+
+def _index(codes: np.ndarray) -> BinaryIndex:
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise CodeError(f"codes must be 2-d [n, bytes], got shape {list(codes.shape)}")
+    index = BinaryIndex(8 * codes.shape[1])
+    index.add(codes)
+    return index

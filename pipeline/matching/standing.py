@@ -1,0 +1,219 @@
+"""Standing queries: every new moment against every registered query, and one event per real moment.
+
+``StandingQueries`` keeps the registered queries' codes stacked in one [Q, W] array with a threshold vector, so a
+batch of moments is matched against all queries with one XOR/popcount pass. A real moment yields many hits: the
+candidates of several scales and shifts around it all come close to the query. ``HitMerger`` turns them into one
+event per moment with a settle window (a streaming non-maximum suppression):
+
+- hits are grouped per (query, stream); a hit whose temporal IoU with an open cluster's best hit is at least
+  ``min_iou`` joins that cluster, else it opens a new one;
+- a cluster opened by a hit ending at second e is published when the stream reaches second e + ``settle``, as its
+  lowest-distance hit (ties: the earliest), so an event is at most ``settle`` media seconds late;
+- published events cannot be retracted, so a later hit, or a cluster whose best hit moved, with IoU at least
+  ``min_iou`` with a published event is dropped: no two events of a query and stream overlap that much.
+The merger is deterministic: its output is a function of the hits and stream times fed to it, so a worker that
+takes over a stream rebuilds it by replaying the stream's recent moments, or restores ``state()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.bus.records import InvalidQuery, MomentCode, StandingQuery
+from pipeline.codes.packing import CodeError, hamming
+
+_PAIRS_PER_CHUNK = 1 << 20  # moment x query pairs per hamming call: bounds the XOR scratch memory
+
+
+@dataclass(frozen=True, order=True)
+class Hit:
+    """A moment within a standing query's threshold, before merging."""
+
+    query_id: str
+    stream_id: str
+    start: int
+    end: int
+    distance: int
+    capture_time: float
+
+
+class StandingQueries:
+    """The registered queries of one code space (``bits``, ``model``), kept as stacked codes and thresholds."""
+
+    def __init__(self, bits: int, model: str = "") -> None:
+        if bits <= 0 or bits % 8:
+            raise CodeError(f"code length must be a positive multiple of 8 bits, got {bits}")
+        self.bits, self.model = bits, model
+        self._queries: dict[str, StandingQuery] = {}
+        self._rows: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._codes = np.empty((0, bits // 8), np.uint8)
+        self._thresholds = np.empty(0, np.int32)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, query_id: object) -> bool:
+        return query_id in self._rows
+
+    def get(self, query_id: str) -> StandingQuery | None:
+        return self._queries.get(query_id)
+
+    def add(self, query: StandingQuery) -> None:
+        """Register a query, or replace the one with the same id."""
+        if query.code is None:
+            raise InvalidQuery(f"query {query.query_id!r} has no code yet: encode its text first")
+        if query.bits != self.bits or (self.model and query.model and query.model != self.model):
+            raise InvalidQuery(f"query {query.query_id!r} is a {query.bits}-bit code of model {query.model!r}; "
+                               f"these queries are {self.bits}-bit codes of model {self.model!r}")
+        row = self._rows.get(query.query_id)
+        if row is None:
+            row = len(self._ids)
+            self._rows[query.query_id] = row
+            self._ids.append(query.query_id)
+            self._codes = np.concatenate([self._codes, query.code[None]])
+            self._thresholds = np.append(self._thresholds, np.int32(query.threshold))
+        else:
+            self._codes[row], self._thresholds[row] = query.code, query.threshold
+        self._queries[query.query_id] = query
+
+    def delete(self, query_id: str) -> bool:
+        """Forget a query (a tombstone on the queries topic); False if it was not registered."""
+        row = self._rows.pop(query_id, None)
+        if row is None:
+            return False
+        del self._queries[query_id]
+        last = len(self._ids) - 1
+        if row != last:  # move the last query into the hole
+            moved = self._ids[last]
+            self._ids[row], self._rows[moved] = moved, row
+            self._codes[row], self._thresholds[row] = self._codes[last], self._thresholds[last]
+        self._ids.pop()
+        self._codes, self._thresholds = self._codes[:last].copy(), self._thresholds[:last].copy()
+        return True
+
+    def match(self, moments: Sequence[MomentCode]) -> list[Hit]:
+        """Every (moment, query) pair within the query's own threshold, sorted."""
+        if not moments or not self._ids:
+            return []
+        for moment in moments:
+            if moment.bits != self.bits or (self.model and moment.model and moment.model != self.model):
+                raise CodeError(f"moment of stream {moment.stream_id!r} is a {moment.bits}-bit code of model "
+                                f"{moment.model!r}, the queries are {self.bits}-bit codes of model {self.model!r}")
+        codes = np.stack([moment.code for moment in moments])
+        step = max(1, _PAIRS_PER_CHUNK // len(self._ids))
+        hits = []
+        for m0 in range(0, len(codes), step):
+            distances = hamming(codes[m0:m0 + step], self._codes)
+            for m, q in zip(*np.nonzero(distances <= self._thresholds)):
+                moment = moments[m0 + m]
+                hits.append(Hit(self._ids[q], moment.stream_id, moment.start, moment.end, int(distances[m, q]),
+                                moment.capture_time))
+        return sorted(hits)  # a function of the queries, whatever the order they were added and deleted in
+
+
+def temporal_iou(a: Hit, b: Hit) -> float:
+    """Intersection over union of two [start, end) second spans."""
+    inter = max(0, min(a.end, b.end) - max(a.start, b.start))
+    return inter / ((a.end - a.start) + (b.end - b.start) - inter)
+
+
+@dataclass
+class _Cluster:
+    best: Hit
+    deadline: int  # the stream second at which the cluster is published
+
+
+@dataclass
+class _Stream:
+    """One stream's merger state, per query: open clusters in opening order, recently published hits."""
+
+    now: int
+    open: dict[str, list[_Cluster]] = field(default_factory=dict)
+    published: dict[str, list[Hit]] = field(default_factory=dict)
+
+
+class HitMerger:
+    """One event per real moment from the overlapping hits of many candidate scales (see the module docstring)."""
+
+    def __init__(self, settle: int = 3, min_iou: float = 0.3) -> None:
+        if settle < 0:
+            raise ValueError(f"settle must be >= 0 seconds, got {settle}")
+        if not 0 < min_iou <= 1:
+            raise ValueError(f"min_iou must be in (0, 1], got {min_iou}")
+        self.settle, self.min_iou = settle, min_iou
+        self._streams: dict[str, _Stream] = {}
+
+    def update(self, stream_id: str, now: int, hits: Sequence[Hit] = ()) -> list[Hit]:
+        """Feed one stream's hits of moments final by media second ``now``; return the hits to publish now.
+
+        Call it for every batch of moments, with or without hits: time passing is what settles clusters. ``now``
+        never goes back (a smaller value counts as the stream's latest second).
+        """
+        stream = self._streams.setdefault(stream_id, _Stream(now))
+        stream.now = max(stream.now, now)
+        for hit in sorted(hits, key=lambda h: (h.end, h.start, h.query_id, h.distance)):
+            if hit.stream_id != stream_id:
+                raise ValueError(f"hit of stream {hit.stream_id!r} fed as stream {stream_id!r}")
+            self._place(stream, hit)
+        return self._publish(stream_id, everything=False)
+
+    def flush(self, stream_id: str) -> list[Hit]:
+        """Publish every open cluster of a stream at once, e.g. when the stream ends."""
+        return self._publish(stream_id, everything=True) if stream_id in self._streams else []
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-able snapshot; ``HitMerger.from_state`` restores it."""
+        return {"settle": self.settle, "min_iou": self.min_iou, "streams": {
+            sid: {"now": s.now,
+                  "open": {q: [[*astuple(c.best), c.deadline] for c in cs] for q, cs in s.open.items()},
+                  "published": {q: [list(astuple(h)) for h in hs] for q, hs in s.published.items()}}
+            for sid, s in self._streams.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> HitMerger:
+        merger = cls(state["settle"], state["min_iou"])
+        for sid, s in state["streams"].items():
+            merger._streams[sid] = _Stream(
+                s["now"], {q: [_Cluster(Hit(*c[:-1]), c[-1]) for c in cs] for q, cs in s["open"].items()},
+                {q: [Hit(*h) for h in hs] for q, hs in s["published"].items()})
+        return merger
+
+    def _place(self, stream: _Stream, hit: Hit) -> None:
+        if any(temporal_iou(hit, done) >= self.min_iou for done in stream.published.get(hit.query_id, ())):
+            return  # the moment was published already
+        clusters = stream.open.setdefault(hit.query_id, [])
+        for cluster in clusters:
+            if temporal_iou(hit, cluster.best) >= self.min_iou:
+                if hit.distance < cluster.best.distance:
+                    cluster.best = hit
+                return
+        clusters.append(_Cluster(hit, hit.end + self.settle))
+
+    def _publish(self, stream_id: str, everything: bool) -> list[Hit]:
+        stream, out = self._streams[stream_id], []
+        for query_id in list(stream.open):
+            clusters = stream.open.pop(query_id)
+            waiting = []
+            for cluster in clusters:
+                if everything or cluster.deadline <= stream.now:
+                    done = stream.published.setdefault(query_id, [])
+                    if all(temporal_iou(cluster.best, hit) < self.min_iou for hit in done):
+                        done.append(cluster.best)
+                        out.append((cluster.deadline, cluster.best))
+                else:
+                    waiting.append(cluster)
+            if waiting:
+                stream.open[query_id] = waiting
+        for query_id in list(stream.published):
+            # a published hit [s, e) reaches IoU >= min_iou only with hits ending by s + (e - s) / min_iou
+            kept = [h for h in stream.published.pop(query_id)
+                    if stream.now < h.start + (h.end - h.start) / self.min_iou]
+            if kept:
+                stream.published[query_id] = kept
+        if not stream.open and not stream.published:
+            del self._streams[stream_id]  # nothing left to remember: keeps the state bounded
+        return [hit for _, hit in sorted(out)]

@@ -1,0 +1,144 @@
+"""CMHN (Hu et al., TIP 2021): a video encoder (VEN) and a sentence encoder (QEN) into one B-bit Hamming space.
+
+VEN runs a TCN over one feature vector per second, then one Conv1d head per candidate length k (stride s); output j
+of head (k, s) is the moment [j*s, j*s + k) seconds. QEN is a three-layer MLP over frozen sentence vectors. Both end
+in pre-sign values; sign() gives the codes. Presets copy the reference code; `lite` is ours, small enough to train on
+two CPU cores in minutes for 20-60 s videos with 2-15 s events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.model.tcn import TemporalConvNet
+
+
+@dataclass(frozen=True)
+class CMHNConfig:
+    """Architecture and training schedule. Presets fix everything after the input layers; V and S are settings."""
+
+    preset: str
+    bits: int
+    channels: tuple[int, ...]
+    kernel: int
+    kernel_sizes: tuple[int, ...]
+    strides: tuple[int, ...]
+    dropout: float
+    lr: float
+    epochs: int
+    video_dim: int = 1280
+    sentence_dim: int = 384
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits <= 0 or self.bits % 8:
+            raise ValueError(f"bits must be a positive multiple of 8 (codes are packed into bytes), got {self.bits}")
+        if len(self.kernel_sizes) != len(self.strides) or not self.kernel_sizes:
+            raise ValueError(f"need one stride per moment length, got {self.kernel_sizes} and {self.strides}")
+        if min(self.kernel_sizes) < 1 or min(self.strides) < 1 or self.kernel < 1 or not self.channels:
+            raise ValueError(f"kernel sizes, strides, the TCN kernel and channels must be positive: {self}")
+        if self.video_dim < 1 or self.sentence_dim < 1:
+            raise ValueError(f"video_dim and sentence_dim must be positive, got {self.video_dim}, {self.sentence_dim}")
+
+
+PRESETS: dict[str, CMHNConfig] = {
+    "tacos": CMHNConfig(
+        preset="tacos", bits=128, channels=(2048, 1024, 512, 256), kernel=3,
+        kernel_sizes=(1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 16, 19, 23),
+        strides=(1,) * 13 + (2,),
+        dropout=0.3, lr=1e-4, epochs=1024,
+    ),
+    "activitynet": CMHNConfig(
+        preset="activitynet", bits=256, channels=(448, 416, 384, 352, 320, 288, 256), kernel=7,
+        kernel_sizes=(1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 16, 19, 23, 28, 34, 41, 50, 61, 75, 92, 113, 139, 171, 211),
+        strides=(1,) * 13 + (2, 2, 3, 4, 4, 6, 7, 9, 11, 13, 17, 21),
+        dropout=0.3, lr=1.3e-3, epochs=32,
+    ),
+    "lite": CMHNConfig(
+        preset="lite", bits=128, channels=(256, 256), kernel=3,
+        kernel_sizes=(1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16),
+        strides=(1,) * 10 + (2, 2),
+        dropout=0.1, lr=1e-3, epochs=30,
+    ),
+}  # fmt: skip
+
+
+def get_preset(name: str) -> CMHNConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown CMHN preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def candidate_spans(num_seconds: int, kernel_sizes: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+    """The moments [start, end) in seconds [N, 2] int64 that VEN scores for a video of num_seconds, in its order:
+    head by head, the ends x in range(k, T + 1, s); heads with k > T yield none."""
+    spans = []
+    for k, s in zip(kernel_sizes, strides):
+        ends = np.arange(k, num_seconds + 1, s, dtype=np.int64)
+        spans.append(np.stack([ends - k, ends], axis=1))
+    return np.concatenate(spans)
+
+
+class VEN(nn.Module):
+    """Video encoder: per-second features [T, V] -> pre-sign codes of all candidate moments [N, B]."""
+
+    def __init__(self, config: CMHNConfig) -> None:
+        super().__init__()
+        width = config.channels[-1]
+        self.video_dim = config.video_dim
+        self.kernel_sizes, self.strides = config.kernel_sizes, config.strides
+        self.tcn = TemporalConvNet(config.video_dim, config.channels, config.kernel, config.dropout, config.causal)
+        self.heads = nn.ModuleList(
+            nn.Conv1d(width, width, k, stride=s) for k, s in zip(self.kernel_sizes, self.strides)
+        )
+        bits = config.bits
+        self.net = nn.Sequential(nn.RReLU(), nn.Linear(width, bits), nn.RReLU(), nn.Linear(bits, bits))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """[T, V] -> [N, B] (or [batch, T, V] -> [batch, N, B]), rows in candidate_spans(T, ...) order."""
+        width = self.video_dim
+        if video.dim() not in (2, 3) or video.shape[-1] != width:
+            raise ValueError(f"expected video features [T, {width}] or [batch, T, {width}], got {list(video.shape)}")
+        num_seconds, shortest = video.shape[-2], min(self.kernel_sizes)
+        if num_seconds < shortest:
+            raise ValueError(f"a {num_seconds} s video is shorter than the shortest moment ({shortest} s)")
+        feed = self.tcn(video.transpose(-1, -2) if video.dim() == 3 else video.T[None])
+        out = torch.cat([head(feed) for k, head in zip(self.kernel_sizes, self.heads) if k <= num_seconds], dim=2)
+        out = self.net(out.transpose(1, 2))
+        return out if video.dim() == 3 else out[0]
+
+
+class QEN(nn.Sequential):
+    """Sentence encoder: frozen sentence vectors [M, S] -> pre-sign codes [M, B]."""
+
+    def __init__(self, config: CMHNConfig) -> None:
+        super().__init__(
+            nn.Linear(config.sentence_dim, 512),
+            nn.RReLU(),
+            nn.Linear(512, 256),
+            nn.RReLU(),
+            nn.Linear(256, config.bits),
+        )
+
+
+class CMHN(nn.Module):
+    """The two encoders and the config they were built from."""
+
+    def __init__(self, config: CMHNConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.ven = VEN(config)
+        self.qen = QEN(config)
+
+
+def build_cmhn(
+    preset: str, *, video_dim: int = 1280, sentence_dim: int = 384, bits: int | None = None, causal: bool = True
+) -> CMHN:
+    """A freshly initialised CMHN of a preset; load weights with pipeline.model.checkpoint."""
+    config = get_preset(preset)
+    bits = config.bits if bits is None else bits
+    return CMHN(replace(config, video_dim=video_dim, sentence_dim=sentence_dim, bits=bits, causal=causal))

@@ -1,0 +1,73 @@
+"""Shared fixtures for tests that need the real Kafka broker.
+
+``kafka_bootstrap`` is an existing cluster when VMH_BOOTSTRAP_SERVERS is set, else a broker this test session
+starts on a random free port with a temporary data dir (about 5 s, once per session) and stops at the end.
+``topic_factory`` makes topics with unique names, so tests never see each other's records.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import uuid
+from typing import Callable, Iterator
+
+import pytest
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free on loopback (the broker's client and controller listeners)."""
+    for port in random.sample(range(20000, 40000, 2), 200):
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of loopback ports in 20000-40000")
+
+
+@pytest.fixture
+def free_port() -> int:
+    return free_port_pair()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    existing = os.environ.get("VMH_BOOTSTRAP_SERVERS")
+    if existing:
+        yield existing
+        return
+    from pipeline.bus.broker import ensure_broker, stop_broker
+
+    port = free_port_pair()
+    bootstrap = ensure_broker(port, data_dir=tmp_path_factory.mktemp("kafka"))
+    try:
+        yield bootstrap
+    finally:
+        stop_broker(port)
+
+
+@pytest.fixture
+def topic_factory(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., str]]:
+    """``make(partitions=4, configs=None) -> name``: a new topic named after the test; deleted afterwards."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    made: list[str] = []
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:80]
+
+    def make(partitions: int = 4, configs: dict[str, str] | None = None) -> str:
+        name = f"test.{stem}.{uuid.uuid4().hex[:8]}"
+        admin.create_topics({name: {"num_partitions": partitions, "replication_factor": -1, "configs": configs or {}}})
+        admin.wait_for_topics([name])
+        made.append(name)
+        return name
+
+    yield make
+    if made:
+        admin.delete_topics(made, raise_errors=False)
+    admin.close()

@@ -1,0 +1,184 @@
+"""Extract, train and eval end to end on a tiny rendered dataset with the real MobileNetV2 and MiniLM encoders;
+resuming an interrupted extraction or training run; seeded training being reproducible."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.features.backbone import FrameEncoder
+from pipeline.features.sentence import SentenceEncoder
+from pipeline.datasets import load_activitynet
+from pipeline.model import load_checkpoint, smooth_sign
+from pipeline.training.evaluate import PER_IOU_LABEL, Sample, build_samples, evaluate, score_video
+from pipeline.training.extract import ExtractorMismatch, FeatureError, FeatureSet, extract_features, open_for
+from pipeline.training.train import TrainError, TrainOptions, state_path, train
+from pipeline.video.synth import SynthConfig, build_dataset
+from workers.cli import main as vmh
+from workers.train_cmd import default_val_spec
+
+TINY = SynthConfig(seed=3, train=4, val=2, test=2, fps=4, size=64, min_duration=12, max_duration=16)
+FRAME = ["--frame-size", "64", "--sample-rate", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The rendered dataset with its features in DIR/features, extracted by `vmh extract`."""
+    out = tmp_path_factory.mktemp("tiny")
+    build_dataset(out, TINY, progress=False)
+    assert vmh(["extract", str(out / "videos"), "--out", str(out / "features"), "--no-progress", *FRAME]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sentences(data: Path) -> SentenceEncoder:
+    return SentenceEncoder("cpu", cache_dir=data / "cache")
+
+
+@pytest.fixture(scope="module")
+def samples(data: Path, sentences: SentenceEncoder) -> dict[str, list[Sample]]:
+    features = FeatureSet.open(data / "features")
+    return {
+        split: build_samples(load_activitynet(data / f"{split}.json"), features, sentences.encode, torch.device("cpu"))
+        for split in ("train", "val")
+    }
+
+
+def test_extract_writes_one_float16_array_per_video(data: Path) -> None:
+    features = FeatureSet.open(data / "features")
+    assert sorted(features.videos) == sorted(p.stem for p in (data / "videos").glob("*.mp4"))
+    assert features.extractor["frame_size"] == 64 and features.extractor["sample_rate"] == 2
+    assert features.extractor["backbone"] == "mobilenet_v2" and features.extractor["dim"] == 1280
+    for video_id, seconds in features.videos.items():
+        array = np.load(data / "features" / f"{video_id}.npy")
+        assert array.dtype == np.float16 and array.shape == (seconds, 1280)
+        assert 12 <= seconds <= 16
+        np.testing.assert_allclose(np.linalg.norm(array.astype(np.float32), axis=1), 1.0, atol=1e-2)
+
+
+def test_extract_resumes_after_an_interruption(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "features"
+    shutil.copytree(data / "features", out)
+    (lost, cut, *_) = sorted(FeatureSet.open(out).videos)
+    original = {vid: np.load(out / f"{vid}.npy") for vid in (lost, cut)}
+    (out / f"{lost}.npy").unlink()  # killed before the rename: only a partial file is left
+    (out / f"{cut}.npy").rename(out / f"{cut}.npy.part")
+    (out / f"{cut}.npy.part").write_bytes((out / f"{cut}.npy.part").read_bytes()[:1000])
+    encoder = FrameEncoder(device="cpu", frame_size=64, sample_rate=2)
+    result = extract_features(data / "videos", out, encoder, progress=False)
+    assert sorted(result.extracted) == [lost, cut]
+    assert len(result.skipped) == len(FeatureSet.open(out).videos) - 2
+    assert not list(out.glob("*.part"))
+    for vid, array in original.items():
+        np.testing.assert_allclose(np.load(out / f"{vid}.npy"), array, atol=2e-3)
+
+
+def test_extract_refuses_features_of_another_extractor(data: Path, tmp_path: Path) -> None:
+    shutil.copytree(data / "features", tmp_path / "features")
+    other = FeatureSet.open(data / "features").extractor | {"frame_size": 224}
+    with pytest.raises(ExtractorMismatch, match="frame_size: 64 there, 224 now"):
+        open_for(tmp_path / "features", other)
+    with pytest.raises(FeatureError, match="no manifest.json"):
+        FeatureSet.open(tmp_path)
+
+
+def test_train_eval_end_to_end(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoint, cache = tmp_path / "ckpt", ["--cache-dir", str(data / "cache")]
+    features = ["--features", str(data / "features")]
+    train = ["train", "--dataset", f"activitynet:{data / 'train.json'}", *features, "--out", str(checkpoint)]
+    assert vmh([*train, "--epochs", "2", "--no-progress", "--device", "cpu", *cache]) == 0
+    model, config = load_checkpoint(checkpoint, preset="lite", extractor=FeatureSet.open(data / "features").extractor)
+    assert config["bits"] == 128 and config["causal"] and config["sentence_encoder"] == "all-MiniLM-L6-v2"
+    assert config["extra"]["best_epoch"] in (1, 2) and model.config.video_dim == 1280
+    capsys.readouterr()
+
+    test = ["--dataset", f"activitynet:{data / 'test.json'}", *features, "--device", "cpu", *cache]
+    assert vmh(["eval", "--checkpoint", str(checkpoint), *test, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    metrics = [f"R@{n},IoU={m}" for n in (1, 5) for m in (0.3, 0.5, 0.7)]
+    for scoring in ("hashed", "continuous", "random"):
+        assert set(report[scoring]) == {"nms=0.5", PER_IOU_LABEL} == set(report["protocols"])
+        for protocol in report[scoring].values():
+            assert set(protocol) == set(metrics) and all(0 <= v <= 1 for v in protocol.values())
+    assert report["queries"] == sum(len(v.annotations) for v in load_activitynet(data / "test.json"))
+    assert 0 < report["query_ms"]["mean"] and report["query_ms"]["queries"] == report["queries"]
+
+    assert vmh(["eval", "--checkpoint", str(checkpoint), *test]) == 0
+    table = capsys.readouterr().out
+    assert "nms=m-0.05" in table and "continuous" in table and "R@5,IoU=0.7" in table and "ms mean" in table
+
+
+def test_eval_refuses_features_of_another_extractor(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    samples: dict[str, list[Sample]]) -> None:
+    features = FeatureSet.open(data / "features")
+    train(TrainOptions(epochs=1), samples["train"], samples["val"], tmp_path / "ckpt", extractor=features.extractor,
+          sentence_encoder="all-MiniLM-L6-v2", progress=False)
+    other = tmp_path / "features"
+    shutil.copytree(data / "features", other)
+    FeatureSet(other, features.extractor | {"sample_rate": 4.0}, features.videos).save()
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--dataset", f"activitynet:{data / 'test.json'}",
+            "--features", str(other), "--cache-dir", str(data / "cache")]
+    assert vmh(args) == 2
+    assert "extractor.sample_rate: expected 4.0, found 2.0" in capsys.readouterr().err
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(state_path(path), weights_only=True)["model"]
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run(samples: dict[str, list[Sample]], out: Path, resume: bool = False, **options) -> None:
+    train(TrainOptions(**options), samples["train"], samples["val"], out, extractor={"dim": 1280},
+          sentence_encoder="all-MiniLM-L6-v2", resume=resume, progress=False)
+
+
+def test_training_with_a_seed_is_reproducible(samples: dict[str, list[Sample]], tmp_path: Path) -> None:
+    run(samples, tmp_path / "a", epochs=1, seed=5)
+    run(samples, tmp_path / "b", epochs=1, seed=5)
+    run(samples, tmp_path / "c", epochs=1, seed=6)
+    assert same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert not same(weights(tmp_path / "a"), weights(tmp_path / "c"))
+
+
+def test_resumed_training_continues_from_the_saved_epoch(samples: dict[str, list[Sample]], tmp_path: Path) -> None:
+    run(samples, tmp_path / "straight", epochs=3, causal=False)
+    run(samples, tmp_path / "resumed", epochs=2, causal=False)
+    assert torch.load(state_path(tmp_path / "resumed"), weights_only=True)["epoch"] == 2
+    run(samples, tmp_path / "resumed", resume=True, epochs=3, causal=False)
+    state = torch.load(state_path(tmp_path / "resumed"), weights_only=True)
+    assert state["epoch"] == 3 and [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert same(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    with pytest.raises(TrainError, match="causal: False then, True now"):
+        run(samples, tmp_path / "resumed", resume=True, epochs=4, causal=True)
+    with pytest.raises(TrainError, match="no training state"):
+        run(samples, tmp_path / "never", resume=True, epochs=1)
+
+
+def test_hashed_scores_are_sign_code_inner_products(samples: dict[str, list[Sample]]) -> None:
+    from pipeline.model import build_cmhn
+
+    torch.manual_seed(0)
+    model = build_cmhn("lite", bits=64).eval()
+    sample = samples["val"][0]
+    spans, hashed, continuous = score_video(model, sample)
+    with torch.no_grad():
+        query, video = model.qen(sample.sentence_vectors), model.ven(sample.video)
+    np.testing.assert_array_equal(hashed, (query.sign() @ video.sign().T).numpy())
+    np.testing.assert_allclose(continuous, (smooth_sign(query) @ smooth_sign(video).T).numpy(), rtol=1e-5)
+    assert spans.shape == (hashed.shape[1], 2) and spans.max() == len(sample.video)
+    table = evaluate(model, samples["val"], random_draws=3)
+    assert set(table) == {"hashed", "continuous", "random"}
+
+
+def test_default_validation_split() -> None:
+    assert default_val_spec("activitynet:/d/train.json") == "activitynet:/d/val.json"
+    with pytest.raises(ValueError, match="--val is required"):
+        default_val_spec("activitynet:/d/train_1.json")

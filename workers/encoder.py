@@ -1,0 +1,122 @@
+"""`vmh encoder`: frame features in, moment codes out, exactly once.
+
+A thin loop: each polled batch of feature records goes through :class:`pipeline.codes.live.LiveCoder` and its
+moment codes and error records are committed in one Kafka transaction with the batch's offsets. A stream whose
+state this process does not hold (after a restart or a partition move) is first rebuilt from the features topic:
+its records before the current one, back one receptive field, so its codes equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import time
+
+from pipeline.settings import add_settings
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings(parser, "checkpoint", "device", "bootstrap-servers", "topic-prefix", "metrics-port")
+    parser.add_argument("--group", default="vmh-encoder", help="consumer group of the encoder workers")
+    parser.add_argument("--instance", default=socket.gethostname(),
+                        help="stable name of this instance; its transactional id fences a predecessor of the same name")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.bus.kafka import ExactlyOnceProcessor, bootstrap_servers
+    from pipeline.bus.topics import create_topics, topics
+    from pipeline.codes.live import LiveCoder
+    from pipeline.device import pick_device
+    from pipeline.model import StreamingEncoder
+    from workers import metrics
+    from workers.common import load_model, stop_on_signals
+
+    if not args.checkpoint:
+        raise SystemExit("vmh encoder: --checkpoint (VMH_CHECKPOINT) is required: train one with `vmh train` or `vmh demo`")
+    device = pick_device(args.device)
+    model, _, model_id = load_model(args.checkpoint, device)
+    coder = LiveCoder(StreamingEncoder(model, device), bits=model.config.bits, model=model_id)
+    bootstrap = bootstrap_servers(args.bootstrap_servers)
+    names = topics(args.topic_prefix)
+    create_topics(bootstrap, prefix=args.topic_prefix)
+    metrics.serve(args.metrics_port)
+    worker = EncoderWorker(coder, names, bootstrap)
+    processor = ExactlyOnceProcessor(
+        [names.features], args.group, f"{args.group}-{args.instance}", worker.transform,
+        on_revoke=worker.forget, bootstrap=bootstrap,
+    )
+    worker.processor = processor
+    log.info("encoder running", extra={"fields": {"device": str(device), "model": model_id}})
+    processor.run(stop_on_signals())
+    return 0
+
+
+class EncoderWorker:
+    """The transform of the encoder's exactly-once loop, with the Kafka reads that rebuilding state needs."""
+
+    def __init__(self, coder, names, bootstrap: str) -> None:
+        self.coder, self.names, self.bootstrap = coder, names, bootstrap
+        self.partition_of: dict[str, object] = {}
+        self.processor = None
+
+    def forget(self, partitions) -> None:
+        """Drop the state of streams on partitions this worker no longer owns."""
+        for stream_id, tp in list(self.partition_of.items()):
+            if tp in partitions:
+                self.coder.encoder.drop(stream_id)
+                del self.partition_of[stream_id]
+
+    def transform(self, batch):
+        from pipeline.bus.records import FrameFeatures
+        from workers import metrics
+        from workers.common import decode_batch, error_outgoing, outgoing
+
+        started = time.perf_counter()
+        decoded, out = decode_batch(batch, FrameFeatures, self.names.errors)
+        errors = []
+        for consumer_record, features in decoded:
+            first_of_stream = features.stream_id not in self.partition_of
+            self.partition_of[features.stream_id] = (consumer_record.topic, consumer_record.partition)
+            if first_of_stream and self.coder.needs_history(features):
+                errors += self.coder.restore(features.stream_id, self._history(consumer_record, features), features.t)
+        moments, skipped = self.coder.encode(features for _, features in decoded)
+        out += [error_outgoing(self.names.errors, e) for e in errors + skipped]
+        out += [outgoing(self.names.moments, m) for m in moments]
+        metrics.BATCH_SIZE.labels("encoder").observe(len(batch))
+        metrics.STAGE_LATENCY.labels("encoder").observe(time.perf_counter() - started)
+        metrics.MOMENTS.inc(len(moments))
+        if self.processor is not None:
+            for tp, lag in self.processor.lag().items():
+                metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(lag)
+        return out
+
+    def _history(self, consumer_record, features):
+        """The stream's feature records before this one, reaching back at least one receptive field of seconds.
+
+        Records are stamped at capture, so the window starts that many seconds (plus slack) before this record's
+        timestamp and doubles while the run of seconds found does not reach back far enough.
+        """
+        from pipeline.bus.kafka import offset_for_time, read_range
+        from pipeline.bus.records import FrameFeatures, MalformedRecord, decode
+
+        topic, partition, end = consumer_record.topic, consumer_record.partition, consumer_record.offset
+        want = min(features.t, self.coder.history_seconds)
+        lookback_s = 2 * want + 30
+        while True:
+            since_ms = max(0, consumer_record.timestamp - lookback_s * 1000)
+            start = offset_for_time(topic, partition, since_ms, bootstrap=self.bootstrap)
+            history = []
+            for record in read_range(topic, partition, start, end, bootstrap=self.bootstrap):
+                if record.key != consumer_record.key:
+                    continue
+                try:
+                    history.append(decode(record.value, FrameFeatures))
+                except MalformedRecord:
+                    continue
+            seconds = {r.t for r in history}
+            if all(t in seconds for t in range(features.t - want, features.t)) or start == 0 or since_ms == 0:
+                return history
+            lookback_s *= 2

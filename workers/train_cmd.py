@@ -1,0 +1,72 @@
+"""`vmh train --dataset KIND:PATH --features DIR --out CHECKPOINT`: train CMHN on extracted features."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.settings import add_settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="training annotations as KIND:PATH, e.g. activitynet:DIR/train.json")
+    parser.add_argument("--val", default=None, help="validation annotations as KIND:PATH [default: val.json beside a train.json]")
+    parser.add_argument("--features", required=True, help="features directory written by `vmh extract`")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write (the best validation epoch)")
+    add_settings(parser, "preset", "device", "cache-dir")
+    parser.add_argument("--bits", type=int, default=None, help="code length in bits [default: the preset's]")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--causal", dest="causal", action="store_true", default=True, help="causal TCN, for live streams [default]")
+    form.add_argument("--bidirectional", dest="causal", action="store_false", help="the published TCN that looks ahead")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs [default: the preset's]")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate [default: the preset's]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the video order and RReLU/dropout")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run at --out from its training state")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.datasets import load_dataset, parse_dataset_spec
+    from pipeline.device import DeviceUnavailable, pick_device
+    from pipeline.features.sentence import SentenceEncoder
+    from pipeline.model import CheckpointError
+    from pipeline.training.evaluate import build_samples
+    from pipeline.training.extract import FeatureError, FeatureSet
+    from pipeline.training.train import TrainError, TrainOptions, train
+
+    torch.set_num_threads(2)
+    try:
+        val_spec = args.val or default_val_spec(args.dataset)
+        (kind, path), (val_kind, val_path) = parse_dataset_spec(args.dataset), parse_dataset_spec(val_spec)
+        device = pick_device(args.device)
+        features = FeatureSet.open(args.features)
+        sentences = SentenceEncoder(str(device), cache_dir=args.cache_dir)
+        train_samples = build_samples(load_dataset(kind, path), features, sentences.encode, device)
+        val_samples = build_samples(load_dataset(val_kind, val_path), features, sentences.encode, device)
+        options = TrainOptions(args.preset, args.bits, args.causal, args.epochs, args.lr, args.seed)
+        result = train(
+            options, train_samples, val_samples, args.out,
+            extractor=features.extractor,
+            sentence_encoder=sentences.identity()["sentence_encoder"],
+            resume=args.resume,
+            progress=not args.no_progress,
+            extra={"dataset": args.dataset, "val": val_spec, "features": str(args.features)},
+        )  # fmt: skip
+    except (ValueError, OSError, DeviceUnavailable, FeatureError, CheckpointError, TrainError) as e:
+        print(f"vmh train: {e}", file=sys.stderr)
+        return 2
+    if result.epochs_run == 0:
+        print(f"{args.out}: the run was already complete")
+    print(f"best validation R@1,IoU=0.5 {result.best_score:.3f} at epoch {result.best_epoch}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def default_val_spec(dataset: str) -> str:
+    """KIND:DIR/val.json for KIND:DIR/train.json; any other training path needs an explicit --val."""
+    kind, _, path = dataset.partition(":")
+    if Path(path).name != "train.json":
+        raise ValueError(f"--val is required: no default validation split for {dataset!r} (only for .../train.json)")
+    return f"{kind}:{Path(path).with_name('val.json')}"
