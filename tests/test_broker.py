@@ -58,22 +58,31 @@ def test_keyed_records_stay_ordered_on_one_partition(kafka_bootstrap, topic_fact
 
 def test_second_group_member_gets_partitions(kafka_bootstrap, topic_factory):
     topic = topic_factory(partitions=4)
+    everything = {TopicPartition(topic, p) for p in range(4)}
     group = f"g-{uuid.uuid4().hex[:8]}"
-    first = read_committed_consumer([topic], group_id=group, bootstrap=kafka_bootstrap)
-    deadline = time.monotonic() + 20
-    while not first.assignment() and time.monotonic() < deadline:
-        first.poll(timeout_ms=100)
-    assert len(first.assignment()) == 4
+    config = {"enable_auto_commit": False, "heartbeat_interval_ms": 300}
+    first = read_committed_consumer([topic], group_id=group, bootstrap=kafka_bootstrap, **config)
+    second = None
+    try:
+        deadline = time.monotonic() + 30
+        while first.assignment() != everything and time.monotonic() < deadline:
+            first.poll(timeout_ms=100)
+        assert first.assignment() == everything
 
-    second = read_committed_consumer([topic], group_id=group, bootstrap=kafka_bootstrap)
-    while (not second.assignment() or len(first.assignment()) == 4) and time.monotonic() < deadline + 20:
-        first.poll(timeout_ms=100)
-        second.poll(timeout_ms=100)
-    a, b = first.assignment(), second.assignment()
-    first.close()
-    second.close()
-    assert a and b and not a & b
-    assert a | b == {TopicPartition(topic, p) for p in range(4)}
+        second = read_committed_consumer([topic], group_id=group, bootstrap=kafka_bootstrap, **config)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            first.poll(timeout_ms=100)
+            second.poll(timeout_ms=100)
+            a, b = first.assignment(), second.assignment()
+            if a and b and not a & b and a | b == everything:
+                break
+        assert a and b, f"one member has no partitions: {a}, {b}"
+        assert not a & b and a | b == everything
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
 
 
 def test_read_range_returns_exactly_the_range(kafka_bootstrap, topic_factory):

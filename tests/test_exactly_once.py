@@ -107,6 +107,14 @@ def _end_offsets(bootstrap: str, topic: str, isolation_level: str) -> dict[Topic
         consumer.close()
 
 
+def _reap(process, timeout_s: float) -> None:
+    """Join a worker process; kill it if it is still there, so a failing test never leaves one behind."""
+    process.join(timeout_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
 def _wait_until(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -143,7 +151,7 @@ def test_kill_9_mid_transaction_then_restart_gives_exactly_once_output(kafka_boo
         _wait_until(open_transaction_on_broker, 20, "the open transaction's records to reach the broker")
         os.kill(first.pid, signal.SIGKILL)
     finally:
-        first.join(10)
+        _reap(first, 10)
     assert first.exitcode == -signal.SIGKILL
     # what the dead worker committed is consistent: its group offsets cover exactly the outputs it committed
     with KafkaAdminClient(bootstrap_servers=kafka_bootstrap) as admin:
@@ -158,7 +166,7 @@ def test_kill_9_mid_transaction_then_restart_gives_exactly_once_output(kafka_boo
         _wait_until(lambda: _group_done(kafka_bootstrap, group, in_topic), 60, "the restarted worker to finish")
     finally:
         stop.set()
-        second.join(30)
+        _reap(second, 30)
     assert second.exitcode == 0
 
     assert _committed_output(kafka_bootstrap, out_topic) == _expected(sent)

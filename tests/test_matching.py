@@ -72,6 +72,23 @@ def test_range_search_equals_faiss(kernel, radius):
     np.testing.assert_array_equal(ours[2], indices)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_range_search_with_a_radius_per_code(kernel):
+    rng = np.random.default_rng(8)
+    codes, queries = _random_codes(rng, 3000, 16), _random_codes(rng, 40, 16)
+    radii = rng.integers(0, 129, len(codes))
+    index = BinaryIndex(128, kernel)
+    index.add(codes)
+    lims, distances, indices = index.range_search(queries, radii)
+    full = hamming(queries, codes)
+    for q in range(len(queries)):
+        expected = np.flatnonzero(full[q] < radii)
+        np.testing.assert_array_equal(indices[lims[q]:lims[q + 1]], expected)
+        np.testing.assert_array_equal(distances[lims[q]:lims[q + 1]], full[q, expected])
+    with pytest.raises(ValueError, match="per-code radii"):
+        index.range_search(queries, radii[:-1])
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 300), st.integers(1, 40), st.integers(1, 60), st.sampled_from([1, 2, 3, 8, 16]),
        st.sampled_from([2, 3, 256]), st.sampled_from(KERNELS), st.integers(0, 2**32 - 1))

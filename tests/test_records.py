@@ -151,6 +151,14 @@ def test_stream_id_limit():
         MomentCode("", 0, 1, np.zeros(8, np.uint8), 64, 0.0, 0.0)
 
 
+def test_numpy_scalars_become_python_numbers():
+    event = MatchEvent("q", "cam", np.int64(3), np.int32(9), np.int64(20), np.int64(128), np.float32(1.5), 2.0)
+    assert type(event.distance) is int and type(event.capture_time) is float
+    assert json.loads(encode(event))["distance"] == 20
+    with pytest.raises(InvalidRecord, match="bool"):
+        FrameFeatures("cam", 0, 0.0, 0.0, np.ones(2), gap="yes")
+
+
 def test_records_are_immutable():
     features = np.ones(4, np.float16)
     record = FrameFeatures("cam", 0, 0.0, 0.0, features)
@@ -215,6 +223,7 @@ def test_mutated_and_truncated_encodings(data, draw):
      "not hex"),
     (b'{"type":"error","v":1,"source":"s","kind":"k","message":"m","time":"now"}', "wrong type"),
     (b'{"type":"error","v":1,"source":"s","kind":"k","message":"m","time":1e999}', "finite"),
+    (b'{"type":"error","v":1,"source":"s","kind":"k","message":"m","time":true}', "wrong type"),
     (b'[1, 2]', "not a VMH record"),
 ])
 def test_specific_malformed_messages(data, message):
@@ -226,6 +235,14 @@ def test_truncated_features_say_so():
     data = _valid_encodings()[0]
     with pytest.raises(MalformedRecord, match="should be"):
         decode(data[:-1])
+
+
+def test_error_context_must_be_json_scalars():
+    record = ErrorRecord("cam", r.MALFORMED_RECORD, "bad", 1.0, {"topic": "vmh.moments", "partition": 2, "offset": 7})
+    assert decode(encode(record)).context["offset"] == 7
+    for context in ({"x": float("nan")}, {"x": [1]}, {1: "x"}):
+        with pytest.raises(InvalidRecord, match="context"):
+            ErrorRecord("cam", r.MALFORMED_RECORD, "bad", 1.0, context)
 
 
 def test_tampered_match_score_is_rejected():

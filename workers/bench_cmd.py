@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument("--repeats", type=int, default=bench.REPEATS, help="timed calls of each side [%(default)s]")
         command.add_argument("--warmup", type=int, default=bench.WARMUP,
                              help="untimed (but checked) calls of each side first [%(default)s]")
+        command.add_argument("--threads", type=int, default=0,
+                             help="torch threads for both sides; 0 keeps torch's default [%(default)s]")
         for f in dataclasses.fields(bench.Params):
             command.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                                  help=f"{f.metadata['help']} [%(default)s]")
@@ -33,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from workers.bench.runner import run_benchmark, table
 
     bench = load(args.benchmark)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     params = bench.Params(**{f.name: getattr(args, f.name) for f in dataclasses.fields(bench.Params)})
     result = run_benchmark(bench, params, args.repeats, args.warmup)
     print(json.dumps(result) if args.json else table(result, bench.TITLE))

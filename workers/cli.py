@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("workers.extract_cmd", "per-second frame features of a folder of videos, for training"),
     "train": ("workers.train_cmd", "train a CMHN checkpoint on extracted features"),
     "eval": ("workers.eval_cmd", "recall and query latency of a CMHN checkpoint on a dataset"),
+    "bench": ("workers.bench_cmd", "benchmarks against reference implementations"),
 }
 
 

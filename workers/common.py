@@ -24,6 +24,22 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: None, lag_every_s: float = 5.0) -> None:
+    """Drive an ExactlyOnceProcessor until ``stop``; between batches run side work and, every ``lag_every_s``,
+    publish the consumer lag gauge."""
+    next_lag = 0.0
+    try:
+        while not stop.is_set():
+            between_batches()
+            processor.process_once(timeout_ms=200)
+            if time.monotonic() >= next_lag:
+                for tp, lag in processor.lag().items():
+                    metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(lag)
+                next_lag = time.monotonic() + lag_every_s
+    finally:
+        processor.close()
+
+
 def load_model(checkpoint: str, device):
     """The CMHN of a checkpoint on ``device`` in eval mode, and a short id naming its code space."""
     from pipeline.model import load_checkpoint

@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", default="vmh-encoder", help="consumer group of the encoder workers")
     parser.add_argument("--instance", default=socket.gethostname(),
                         help="stable name of this instance; its transactional id fences a predecessor of the same name")
+    parser.add_argument("--batch-records", type=int, default=500, help="most input records per transaction")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.device import pick_device
     from pipeline.model import StreamingEncoder
     from workers import metrics
-    from workers.common import load_model, stop_on_signals
+    from workers.common import load_model, run_exactly_once, stop_on_signals
 
     if not args.checkpoint:
         raise SystemExit("vmh encoder: --checkpoint (VMH_CHECKPOINT) is required: train one with `vmh train` or `vmh demo`")
@@ -46,11 +47,10 @@ def run(args: argparse.Namespace) -> int:
     worker = EncoderWorker(coder, names, bootstrap)
     processor = ExactlyOnceProcessor(
         [names.features], args.group, f"{args.group}-{args.instance}", worker.transform,
-        on_revoke=worker.forget, bootstrap=bootstrap,
+        on_revoke=worker.forget, bootstrap=bootstrap, max_poll_records=args.batch_records,
     )
-    worker.processor = processor
     log.info("encoder running", extra={"fields": {"device": str(device), "model": model_id}})
-    processor.run(stop_on_signals())
+    run_exactly_once(processor, stop_on_signals())
     return 0
 
 
@@ -59,8 +59,7 @@ class EncoderWorker:
 
     def __init__(self, coder, names, bootstrap: str) -> None:
         self.coder, self.names, self.bootstrap = coder, names, bootstrap
-        self.partition_of: dict[str, object] = {}
-        self.processor = None
+        self.partition_of: dict[str, tuple[str, int]] = {}
 
     def forget(self, partitions) -> None:
         """Drop the state of streams on partitions this worker no longer owns."""
@@ -88,9 +87,6 @@ class EncoderWorker:
         metrics.BATCH_SIZE.labels("encoder").observe(len(batch))
         metrics.STAGE_LATENCY.labels("encoder").observe(time.perf_counter() - started)
         metrics.MOMENTS.inc(len(moments))
-        if self.processor is not None:
-            for tp, lag in self.processor.lag().items():
-                metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(lag)
         return out
 
     def _history(self, consumer_record, features):

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", default="vmh-query", help="consumer group of the query workers")
     parser.add_argument("--instance", default=socket.gethostname(),
                         help="stable name of this instance; its transactional id fences a predecessor of the same name")
+    parser.add_argument("--batch-records", type=int, default=500, help="most input records per transaction")
     parser.add_argument("--settle", type=int, default=3,
                         help="media seconds a cluster of overlapping hits waits for a better hit before it is published")
     parser.add_argument("--archive-size", type=int, default=1_000_000, help="most moments kept for search")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.features.sentence import SentenceEncoder
     from pipeline.matching.live import LiveMatcher, text_encoder
     from workers import metrics
-    from workers.common import error_outgoing, load_model, stop_on_signals
+    from workers.common import error_outgoing, load_model, run_exactly_once, stop_on_signals
 
     if not args.checkpoint:
         raise SystemExit("vmh query-worker: --checkpoint (VMH_CHECKPOINT) is required")
@@ -66,17 +67,19 @@ def run(args: argparse.Namespace) -> int:
     publish_errors(worker.sync_queries(queries, to_end=True))
     requests = read_committed_consumer([names.search_requests], from_beginning=False, bootstrap=bootstrap)
     processor = ExactlyOnceProcessor([names.moments], args.group, f"{args.group}-{args.instance}", worker.transform,
-                                     on_assign=worker.restore, on_revoke=worker.forget, bootstrap=bootstrap)
+                                     on_assign=worker.restore, on_revoke=worker.forget, bootstrap=bootstrap,
+                                     max_poll_records=args.batch_records)
     worker.processor = processor
     stop = stop_on_signals()
     log.info("query worker running", extra={"fields": {"model": model_id, "queries": len(matcher.queries)}})
+
+    def between_batches() -> None:
+        publish_errors(worker.sync_queries(queries))
+        worker.answer(requests.poll(timeout_ms=0), replies)
+
     try:
-        while not stop.is_set():
-            publish_errors(worker.sync_queries(queries))
-            worker.answer(requests.poll(timeout_ms=0), replies)
-            processor.process_once(timeout_ms=200)
+        run_exactly_once(processor, stop, between_batches)
     finally:
-        processor.close()
         queries.close()
         requests.close()
         replies.close()
@@ -143,17 +146,19 @@ class QueryWorker:
             age_ms = int((self.matcher.archive.max_age or 3600) * 1000)
             start = offset_for_time(tp.topic, tp.partition, newest_ms - age_ms, bootstrap=self.bootstrap)
             start = max(start, next_offset - self.matcher.archive.capacity)
-            archive, replay = [], []
+            archive = []
             for record in read_range(tp.topic, tp.partition, start, next_offset, bootstrap=self.bootstrap):
                 try:
-                    moment = decode(record.value, MomentCode)
+                    archive.append(decode(record.value, MomentCode))
                 except MalformedRecord:
                     continue
-                archive.append(moment)
-                if record.timestamp >= newest_ms - 1000 * self.replay_seconds:
-                    replay.append(moment)
             self.matcher.archive.add(archive)
-            self.matcher.process(replay, emit=False)
+            newest: dict[str, int] = {}
+            for moment in archive:
+                newest[moment.stream_id] = max(newest.get(moment.stream_id, 0), moment.end)
+                self.partition_of[moment.stream_id] = (tp.topic, tp.partition)
+            # the window is in media seconds of each stream: record time stalls when an upstream worker restarts
+            self.matcher.process([m for m in archive if m.end > newest[m.stream_id] - self.replay_seconds], emit=False)
 
     def forget(self, partitions) -> None:
         """Partitions left: their streams' merger state goes with them (the archive keeps what it has)."""
@@ -180,9 +185,6 @@ class QueryWorker:
         now = time.time()
         for event in events:
             metrics.END_TO_END.observe(now - event.capture_time)
-        if self.processor is not None:
-            for tp, lag in self.processor.lag().items():
-                metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(lag)
         return out
 
     def _bad_query(self, query_id: str, message: str):

@@ -267,9 +267,14 @@ class ExactlyOnceProcessor:
         return set(self._owned)
 
     def lag(self) -> dict[TopicPartition, int]:
-        """Committed records not yet handed to ``transform``, per owned partition (one ListOffsets request)."""
-        ends = self._consumer.end_offsets(list(self._owned)) if self._owned else {}
-        return {tp: max(0, end - self._consumer.position(tp)) for tp, end in ends.items()}
+        """Records not yet handed to ``transform`` per owned partition, from the last fetch's high watermark
+        (no request: a blocking ListOffsets call here could stall the processing loop)."""
+        lags = {}
+        for tp in self._owned:
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                lags[tp] = max(0, high - self._consumer.position(tp))
+        return lags
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)

@@ -93,8 +93,11 @@ class FrameFeatures(_Record):
 
     def __post_init__(self) -> None:
         _check_key("stream_id", self.stream_id)
-        _check_int("t", self.t, low=0)
+        _check_int(self, "t", low=0)
         _check_times(self, "media_time", "capture_time", "gap_seconds")
+        if not isinstance(self.gap, (bool, np.bool_)):
+            raise InvalidRecord(f"gap must be a bool, got {self.gap!r}")
+        object.__setattr__(self, "gap", bool(self.gap))
         if self.gap_seconds < 0 or (self.gap_seconds > 0 and not self.gap):
             raise InvalidRecord(f"gap_seconds {self.gap_seconds} needs gap=True and must be >= 0")
         array = np.asarray(self.features)
@@ -124,11 +127,11 @@ class MomentCode(_Record):
 
     def __post_init__(self) -> None:
         _check_key("stream_id", self.stream_id)
-        _check_int("start", self.start, low=0)
-        _check_int("end", self.end, low=self.start + 1)
+        _check_int(self, "start", low=0)
+        _check_int(self, "end", low=self.start + 1)
         _check_times(self, "capture_time", "emitted_time")
         _check_text("model", self.model, MAX_MODEL_BYTES)
-        _freeze(self, "code", _check_code(self.code, self.bits, InvalidRecord))
+        _check_code(self, InvalidRecord)
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,7 +153,7 @@ class StandingQuery(_Record):
     def __post_init__(self) -> None:
         try:
             _check_key("query_id", self.query_id)
-            _check_int("threshold", self.threshold, low=0)
+            _check_int(self, "threshold", low=0)
             _check_times(self, "created_time")
             _check_text("model", self.model, MAX_MODEL_BYTES)
         except InvalidRecord as error:
@@ -166,8 +169,9 @@ class StandingQuery(_Record):
         if self.code is None:
             if self.text is None or self.bits != 0:
                 raise InvalidQuery(f"query {self.query_id!r}: without a code it needs text and bits=0")
+            object.__setattr__(self, "bits", 0)
             return
-        _freeze(self, "code", _check_code(self.code, self.bits, InvalidQuery))
+        _check_code(self, InvalidQuery)
         if self.threshold > self.bits:
             raise InvalidQuery(f"query {self.query_id!r}: threshold {self.threshold} exceeds {self.bits} bits")
 
@@ -189,10 +193,10 @@ class MatchEvent(_Record):
     def __post_init__(self) -> None:
         _check_key("query_id", self.query_id)
         _check_key("stream_id", self.stream_id)
-        _check_int("start", self.start, low=0)
-        _check_int("end", self.end, low=self.start + 1)
-        _check_int("bits", self.bits, low=8, high=MAX_CODE_BITS)
-        _check_int("distance", self.distance, low=0, high=self.bits)
+        _check_int(self, "start", low=0)
+        _check_int(self, "end", low=self.start + 1)
+        _check_int(self, "bits", low=8, high=MAX_CODE_BITS)
+        _check_int(self, "distance", low=0, high=self.bits)
         _check_times(self, "capture_time", "match_time")
 
     @property
@@ -224,9 +228,11 @@ class ErrorRecord(_Record):
         _check_text("message", self.message, None)
         _check_times(self, "time")
         if not isinstance(self.context, dict) or not all(
-                isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
+                isinstance(k, str) and _encodable(k) and (v is None or isinstance(v, (int, bool))
+                                                          or (isinstance(v, str) and _encodable(v))
+                                                          or (isinstance(v, float) and math.isfinite(v)))
                 for k, v in self.context.items()):
-            raise InvalidRecord(f"context must map strings to scalars, got {self.context!r}")
+            raise InvalidRecord(f"context must map strings to strings, numbers or None, got {self.context!r}")
 
 
 Record = FrameFeatures | MomentCode | StandingQuery | MatchEvent | ErrorRecord
@@ -415,27 +421,35 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _check_int(name: str, value: Any, low: int, high: int = 2**63 - 1) -> None:
+def _check_int(record: Any, name: str, low: int, high: int = 2**63 - 1) -> None:
+    """Check an integer field and store it as a Python int (numpy integers do not serialise to JSON)."""
+    value = getattr(record, name)
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidRecord(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    object.__setattr__(record, name, int(value))
 
 
 def _check_times(record: Any, *names: str) -> None:
+    """Check finite number fields and store them as Python floats."""
     for name in names:
         value = getattr(record, name)
         if not isinstance(value, (int, float, np.floating, np.integer)) or isinstance(value, bool) \
                 or not math.isfinite(value):
             raise InvalidRecord(f"{name} must be a finite number, got {value!r}")
+        object.__setattr__(record, name, float(value))
 
 
-def _check_code(code: Any, bits: Any, error: type[InvalidRecord]) -> np.ndarray:
-    array = np.asarray(code)
-    if array.dtype != np.uint8 or array.ndim != 1:
-        raise error(f"a code must be a 1-d uint8 array of packed bits, got {array.dtype} {array.shape}")
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits != 8 * array.size \
-            or not 8 <= bits <= MAX_CODE_BITS:
-        raise error(f"bits {bits!r} must be 8 * {array.size} (the code's bytes), in [8, {MAX_CODE_BITS}]")
-    return array
+def _check_code(record: Any, error: type[InvalidRecord]) -> None:
+    """Check ``code`` (packed uint8) against ``bits`` and freeze it."""
+    try:
+        _check_int(record, "bits", low=8, high=MAX_CODE_BITS)
+    except InvalidRecord as bad:
+        raise error(str(bad)) from None
+    array = np.asarray(record.code)
+    if array.dtype != np.uint8 or array.ndim != 1 or record.bits != 8 * array.size:
+        raise error(f"code does not match bits={record.bits}: expected uint8 [{record.bits // 8}], "
+                    f"got {array.dtype} {list(array.shape)}")
+    _freeze(record, "code", array)
 
 
 def _freeze(record: Any, name: str, array: np.ndarray) -> None:

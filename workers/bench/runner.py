@@ -45,8 +45,8 @@ class Case:
 @dataclass
 class Measured:
     case: Case
-    ours: list[float]  # seconds of each timed call
-    reference: list[float]
+    seconds: dict[str, list[float]]  # side ("ours", "reference") -> wall-clock seconds of each timed call
+    cpu: dict[str, list[float]]  # side -> this process's CPU seconds (all threads) of each timed call
     problems: list[str]
     counts: dict[str, int]
     amounts: dict[str, float]
@@ -56,25 +56,29 @@ def measure(case: Case, repeats: int, warmup: int) -> Measured:
     """Call both sides ``warmup + repeats`` times, interleaved, and check every pair of outputs."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    timed: dict[str, list[float]] = {"ours": [], "reference": []}
+    sides = ("ours", "reference")
+    timed: dict[str, list[float]] = {side: [] for side in sides}
+    cpu: dict[str, list[float]] = {side: [] for side in sides}
     problems: list[str] = []
     counts: dict[str, int] = {}
     amounts: dict[str, float] = {}
     for i in range(warmup + repeats):
-        outputs, seconds = {}, {}
-        for side in ("ours", "reference") if i % 2 == 0 else ("reference", "ours"):
-            started = time.perf_counter()
+        outputs, seconds, cpu_seconds = {}, {}, {}
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            started, cpu_started = time.perf_counter(), time.process_time()
             outputs[side] = getattr(case, side)()
             seconds[side] = time.perf_counter() - started
+            cpu_seconds[side] = time.process_time() - cpu_started
         if i >= warmup:
-            for side in timed:
+            for side in sides:
                 timed[side].append(seconds[side])
+                cpu[side].append(cpu_seconds[side])
         verdict = case.check(outputs["ours"], outputs["reference"])
         problems += [f"call {i + 1}: {p}" for p in verdict.problems]
         for name, n in verdict.counts.items():
             counts[name] = counts.get(name, 0) + n
         amounts = case.amounts(outputs["ours"])
-    return Measured(case, timed["ours"], timed["reference"], problems, counts, amounts)
+    return Measured(case, timed, cpu, problems, counts, amounts)
 
 
 def run_benchmark(bench: ModuleType, params: Any, repeats: int | None = None, warmup: int | None = None) -> dict:
@@ -137,8 +141,8 @@ def report(
 
 def _case_report(m: Measured, unit: str) -> dict[str, Any]:
     work = m.case.work
-    ours = statistics.median(work / s for s in m.ours)
-    theirs = statistics.median(work / s for s in m.reference)
+    ours = statistics.median(work / s for s in m.seconds["ours"])
+    theirs = statistics.median(work / s for s in m.seconds["reference"])
     return {
         "case": m.case.label,
         "ratio": ours / theirs,
@@ -146,11 +150,13 @@ def _case_report(m: Measured, unit: str) -> dict[str, Any]:
         "median_reference": theirs,
         "unit": unit,
         "us_per_unit": {"ours": 1e6 / ours, "reference": 1e6 / theirs},  # microseconds per unit of work
-        "seconds_ours": m.ours,
-        "seconds_reference": m.reference,
+        "seconds_ours": m.seconds["ours"],
+        "seconds_reference": m.seconds["reference"],
+        # CPU time is less sensitive to other processes on a shared machine than wall time; > 1: ours uses less
+        "cpu_ratio": statistics.median(m.cpu["reference"]) / max(statistics.median(m.cpu["ours"]), 1e-9),
         "work_per_call": work,
         "notes": m.case.notes,
-        "rates_ours": {f"{k}/s": v / statistics.median(m.ours) for k, v in m.amounts.items()},
+        "rates_ours": {f"{k}/s": v / statistics.median(m.seconds["ours"]) for k, v in m.amounts.items()},
         "check": {"passed": not m.problems, "problems": m.problems[:20], "counts": m.counts},
     }
 
@@ -158,10 +164,11 @@ def _case_report(m: Measured, unit: str) -> dict[str, Any]:
 def table(result: dict[str, Any], title: str) -> str:
     """The result for people: one row per case, then the check and the machine."""
     unit = result["unit"]
-    rows = [("case", f"ours ({unit})", f"reference ({unit})", "ratio", "spread ours", "spread ref", "check")]
+    rows = [("case", f"ours ({unit})", f"reference ({unit})", "ratio", "cpu ratio", "spread ours", "spread ref",
+             "check")]
     for c in result["cases"]:
         rows.append((
-            c["case"], _num(c["median_ours"]), _num(c["median_reference"]), f"{c['ratio']:.2f}",
+            c["case"], _num(c["median_ours"]), _num(c["median_reference"]), f"{c['ratio']:.2f}", f"{c['cpu_ratio']:.2f}",
             _spread(c["seconds_ours"]), _spread(c["seconds_reference"]), "ok" if c["check"]["passed"] else "FAILED",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
