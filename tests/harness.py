@@ -84,6 +84,6 @@ def render_synthetic(path: Path, duration: float = 12.0, seed: int = 3) -> Path:
     from pipeline.video.synth import render_video, sample_events
 
     rng = np.random.default_rng(seed)
-    events = sample_events(rng, duration, 8, max_events=2)
+    events = sample_events(rng, duration, 8, max_events=2, max_length=min(12.0, duration / 2))
     render_video(path, events, duration, 8, 128, seed)
     return path

@@ -108,3 +108,91 @@ def test_queries_by_code_match_the_right_stream_and_span(kafka_bootstrap, prefix
     finally:
         for process in (encoder, query_worker):
             stop(process)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus samples of a worker's /metrics endpoint, name{labels} -> value."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def wait_for(check, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.5)
+
+
+def test_garbage_on_the_features_topic_and_metrics_moving(kafka_bootstrap, prefix, checkpoint, tmp_path, free_port):
+    """Garbage bytes become an error record while a live (paced, looping) stream goes on; every worker's metrics
+    endpoint shows its counters move."""
+    from pipeline.bus.kafka import at_least_once_producer
+    from pipeline.client import Client
+
+    names = topics(prefix)
+    env = worker_env(kafka_bootstrap, prefix, VMH_CHECKPOINT=str(checkpoint))
+    ports = {"producer": free_port, "encoder": free_port + 1}
+    ports["query"] = ports["encoder"] + 2  # free_port gives a free pair; the third port is very likely free too
+    synthetic = render_synthetic(tmp_path / "synthetic.mp4", duration=8.0)
+    Client(kafka_bootstrap, prefix).add_query(code=bytes(16), query_id="anything", threshold=128)
+    producer = spawn(["producer", f"live={synthetic}", "--realtime", "--loop", "--metrics-port", str(ports["producer"])],
+                     env, tmp_path / "producer.log")
+    encoder = spawn(["encoder", "--instance", "it-m", "--metrics-port", str(ports["encoder"])], env,
+                    tmp_path / "encoder.log")
+    query_worker = spawn(["query-worker", "--instance", "it-m", "--metrics-port", str(ports["query"])], env,
+                         tmp_path / "query.log")
+    try:
+        garbage = at_least_once_producer(kafka_bootstrap)
+        garbage.send(names.features, key=b"live", value=b"\x00garbage, not a record")
+        garbage.flush()
+        garbage.close()
+        errors = committed(kafka_bootstrap, names.errors, lambda r: any(e.kind == "malformed_record" for e in r),
+                           expected=ErrorRecord)
+        assert any(e.kind == "malformed_record" and e.context.get("topic") == names.features for e in errors)
+        wait_for(lambda: scrape(ports["producer"]).get('vmh_frames_decoded_total{stream="live"}', 0) > 0)
+        wait_for(lambda: scrape(ports["producer"]).get('vmh_video_seconds_total{stream="live"}', 0) >= 3)
+        wait_for(lambda: scrape(ports["encoder"]).get("vmh_moments_total", 0) > 0)
+        wait_for(lambda: scrape(ports["encoder"]).get('vmh_errors_total{kind="malformed_record"}', 0) >= 1)
+        wait_for(lambda: scrape(ports["query"]).get("vmh_matches_total", 0) > 0)
+        query_metrics = scrape(ports["query"])
+        assert query_metrics["vmh_end_to_end_seconds_count"] > 0
+        assert 0 < query_metrics["vmh_end_to_end_seconds_sum"] / query_metrics["vmh_end_to_end_seconds_count"] < 60
+        assert any(name.startswith("vmh_consumer_lag_records") for name in scrape(ports["encoder"]))
+        moments_before = scrape(ports["encoder"])["vmh_moments_total"]
+        wait_for(lambda: scrape(ports["encoder"])["vmh_moments_total"] > moments_before)  # the stream goes on
+    finally:
+        for process in (producer, encoder, query_worker):
+            stop(process)
+
+
+def test_up_runs_the_system_and_ctrl_c_stops_it(kafka_bootstrap, prefix, checkpoint, tmp_path):
+    import signal
+
+    import psutil
+
+    env = worker_env(kafka_bootstrap, prefix, VMH_CHECKPOINT=str(checkpoint))
+    synthetic = render_synthetic(tmp_path / "synthetic.mp4")
+    up = spawn(["up", f"cam={synthetic}"], env, tmp_path / "up.log")
+    try:
+        moments = committed(kafka_bootstrap, topics(prefix).moments, lambda r: len(r) >= expected_moments(12),
+                            expected=MomentCode)
+        assert {m.stream_id for m in moments} == {"cam"}
+        children = psutil.Process(up.pid).children()
+        assert len(children) == 3  # encoder, query worker, producer
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0
+        assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
+    finally:
+        stop(up)

@@ -1,0 +1,106 @@
+"""`vmh up`: the whole system on one machine. A local broker when no bootstrap servers are given, the topics, and
+the encoder, query worker and (for any sources given) producer as child processes; Ctrl-C stops them all."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.settings import add_settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="*", metavar="[ID=]SOURCE", help="streams to push right away (optional)")
+    parser.add_argument("--realtime", action="store_true", help="pace file sources as if they were live")
+    parser.add_argument("--loop", action="store_true", help="repeat file sources")
+    add_settings(parser, "checkpoint", "bootstrap-servers", "broker-port", "topic-prefix", "metrics-port", "cache-dir")
+
+
+def default_checkpoint(cache_dir: str) -> Path:
+    """Where `vmh demo` caches the model it trains."""
+    return Path(cache_dir) / "demo" / "model"
+
+
+class System:
+    """The child processes of `vmh up`, started and stopped together."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        child = subprocess.Popen([sys.executable, "-m", "workers.cli", *args], env=self.env)
+        self.children[name] = child
+        return child
+
+    def failed(self) -> str | None:
+        """The name of a worker that exited with an error, if any (producers may end when their files do)."""
+        for name, child in self.children.items():
+            code = child.poll()
+            if code not in (None, 0):
+                return f"{name} exited with code {code}"
+        return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + timeout
+        for child in self.children.values():
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def start_system(args: argparse.Namespace, checkpoint: Path) -> tuple[System, str, bool]:
+    """Broker (if needed), topics and workers; returns the system, the bootstrap servers and whether we started
+    the broker (so the caller stops it)."""
+    from pipeline.bus.broker import broker_status, ensure_broker
+    from pipeline.bus.topics import create_topics
+
+    bootstrap, own_broker = args.bootstrap_servers, False
+    if not bootstrap:
+        own_broker = broker_status(args.broker_port, cache_dir=args.cache_dir) is None
+        bootstrap = ensure_broker(args.broker_port, cache_dir=args.cache_dir)
+    create_topics(bootstrap, prefix=args.topic_prefix)
+    env = dict(os.environ, VMH_BOOTSTRAP_SERVERS=bootstrap, VMH_TOPIC_PREFIX=args.topic_prefix,
+               VMH_CHECKPOINT=str(checkpoint))
+    system = System(env)
+    port = args.metrics_port
+    metrics = lambda offset: ["--metrics-port", str(port + offset if port else 0)]  # noqa: E731
+    system.start("encoder", "encoder", *metrics(1))
+    system.start("query-worker", "query-worker", *metrics(2))
+    if args.sources:
+        flags = ["--realtime"] * args.realtime + ["--loop"] * args.loop
+        system.start("producer", "producer", *args.sources, *flags, *metrics(0))
+    return system, bootstrap, own_broker
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.bus.broker import stop_broker
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.cache_dir)
+    if not (checkpoint / "config.json").is_file():
+        print(f"vmh up: no checkpoint at {checkpoint}: pass --checkpoint, or run `vmh demo` once to train one",
+              file=sys.stderr)
+        return 2
+    system, bootstrap, own_broker = start_system(args, checkpoint)
+    print(f"vmh up: broker {bootstrap}, topics {args.topic_prefix}.*, workers "
+          f"{', '.join(system.children)}; Ctrl-C stops everything", flush=True)
+    try:
+        while (problem := system.failed()) is None:
+            time.sleep(0.5)
+        print(f"vmh up: {problem}; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        system.stop()
+        if own_broker:
+            stop_broker(args.broker_port, cache_dir=args.cache_dir)
