@@ -69,23 +69,28 @@ class Client:
         finally:
             consumer.close()
 
+    def subscribe(self, query_id: str | None = None, stream_id: str | None = None, *,
+                  from_beginning: bool = False) -> MatchSubscription:
+        """A subscription to committed match events, optionally filtered; poll it, close it when done."""
+        consumer = read_committed_consumer([self.topics.matches], from_beginning=from_beginning,
+                                           bootstrap=self.bootstrap)
+        for tp in consumer.assignment():
+            consumer.position(tp)  # fix the start now, not at the first poll
+        return MatchSubscription(consumer, query_id, stream_id)
+
     def matches(self, query_id: str | None = None, stream_id: str | None = None, *, from_beginning: bool = False,
                 timeout: float | None = None) -> Iterator[MatchEvent]:
         """Match events as they are committed, optionally filtered; ends after ``timeout`` seconds without one."""
-        consumer = read_committed_consumer([self.topics.matches], from_beginning=from_beginning,
-                                           bootstrap=self.bootstrap)
+        subscription = self.subscribe(query_id, stream_id, from_beginning=from_beginning)
         try:
             idle_since = time.monotonic()
             while timeout is None or time.monotonic() - idle_since < timeout:
-                for batch in consumer.poll(timeout_ms=500).values():
-                    for record in batch:
-                        event = decode(record.value, MatchEvent)
-                        if (query_id is None or event.query_id == query_id) and (
-                                stream_id is None or event.stream_id == stream_id):
-                            idle_since = time.monotonic()
-                            yield event
+                events = subscription.poll(0.5)
+                if events:
+                    idle_since = time.monotonic()
+                yield from events
         finally:
-            consumer.close()
+            subscription.close()
 
     def search(self, text: str | None = None, *, code: bytes | None = None, since: float | None = None,
                until: float | None = None, top_k: int = 10, timeout: float = 10.0) -> list[dict]:
@@ -135,3 +140,19 @@ class Client:
             producer.send(topic or self.topics.queries, key=key.encode(), value=value).get(timeout=30)
         finally:
             producer.close()
+
+
+class MatchSubscription:
+    """Committed match events of a consumer, filtered by query and stream."""
+
+    def __init__(self, consumer, query_id: str | None, stream_id: str | None) -> None:
+        self.consumer, self.query_id, self.stream_id = consumer, query_id, stream_id
+
+    def poll(self, timeout_s: float = 0.5) -> list[MatchEvent]:
+        events = [decode(r.value, MatchEvent) for batch in self.consumer.poll(timeout_ms=int(timeout_s * 1000)).values()
+                  for r in batch]
+        return [e for e in events if (self.query_id is None or e.query_id == self.query_id)
+                and (self.stream_id is None or e.stream_id == self.stream_id)]
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -224,10 +224,11 @@ def test_failed_transform_aborts_rewinds_and_rebuilds_state(kafka_bootstrap, top
     with ExactlyOnceProcessor([in_topic], f"g-{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:8]}", counter.transform,
                               on_assign=counter.on_assign, on_revoke=counter.on_revoke, bootstrap=kafka_bootstrap,
                               max_poll_records=10, consumer_config=FAST_GROUP) as processor:
-        first = 0
-        while not first:
+        first, deadline = 0, time.monotonic() + 60
+        while not first and time.monotonic() < deadline:
             first = processor.process_once(200)
-        assert sum(processor.lag().values()) == len(sent) - first
+        # lag counts from the high watermarks of the partitions fetched so far
+        assert 0 < sum(processor.lag().values()) <= len(sent) - first
         assert _drain(processor, len(sent) - first) == 1
         assert set(processor.lag().values()) == {0}
     assert len(counter.revoked) == 1 and len(counter.assigned) == 2

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "subscribe": ("workers.subscribe_cmd", "tail match events"),
     "search": ("workers.search_cmd", "search the recent moments by text"),
     "topics": ("workers.topics_cmd", "create the pipeline's topics"),
+    "demo": ("workers.demo", "the main job: train a small model once, stream a held-out video, print matches live"),
     "up": ("workers.up", "the whole system on one machine: broker, topics and workers; Ctrl-C stops all"),
     "synth": ("workers.synth_cmd", "render the synthetic moment-localization dataset"),
     "extract": ("workers.extract_cmd", "per-second frame features of a folder of videos, for training"),

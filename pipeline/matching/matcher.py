@@ -32,9 +32,9 @@ MISSING_INDEX = -1
 KERNELS = ("auto", "popcount", "matmul")
 MATMUL_MIN_QUERIES = 24  # from this many queries on, "auto" uses the matmul kernel
 _POPCOUNT_TILE_PAIRS = 1 << 16  # query x code pairs per popcount tile: the uint64 scratch stays in L2
-_MATMUL_TILE = 1024  # database codes per matmul tile
-_MATMUL_BLOCK = 256  # queries per matrix product: the 1 MB int32 output tile stays in L2
-_COMPACT_BUDGET = 1 << 16  # candidates collected before they are compacted to k per query (at least 4k per query)
+_MATMUL_TILE = 2048  # database codes per matmul tile
+_MATMUL_BLOCK = 256  # queries per matrix product: the 2 MB int32 output tile stays in L2
+_COMPACT_BUDGET = 1 << 16  # candidates collected before they are compacted to k per query (at least 2k per query)
 
 
 class BinaryIndex:
@@ -89,10 +89,9 @@ class BinaryIndex:
         radii = np.broadcast_to(np.asarray(radius, np.int64), (self.ntotal,))
         rows, dists, cols = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.int64)]
         scale, tiles = self._tiles(queries)
-        mask = _Mask()
         for q0, n0, values in tiles:
             own = radii[n0:n0 + values.shape[1]]
-            r, c = mask.below(values, scale.value(int(own.max())))
+            r, c = _below(values, scale.value(int(own.max())))
             d = scale.distance(values[r, c])
             keep = d < own[c]
             rows.append(r[keep] + q0)
@@ -190,8 +189,7 @@ class _TopK:
         self.bound = np.full(queries, bits + 1, np.int64)  # a new code is a candidate only if its distance < bound
         self.found: list[np.ndarray] = []  # packed keys (query, distance, index), see _pack
         self.pending = 0
-        self.budget = max(4 * queries * k, _COMPACT_BUDGET)
-        self.mask = _Mask()
+        self.budget = max(2 * queries * k, _COMPACT_BUDGET)  # compact when the candidates double the k kept
 
     def offer(self, q0: int, n0: int, values: np.ndarray, scale: _Scale) -> None:
         limit = self.bound[q0:q0 + len(values)]
@@ -200,7 +198,7 @@ class _TopK:
             limit = self._bound_by_first_tile(q0, values, scale)
             loosest = int(limit.max())
         # one scalar comparison against the block's loosest limit (fast in any dtype), then the exact limits
-        r, c = self.mask.below(values, scale.value(loosest))
+        r, c = _below(values, scale.value(loosest))
         if not len(r):
             return
         d = scale.distance(values[r, c])
@@ -249,29 +247,14 @@ def _signs(codes: np.ndarray) -> np.ndarray:
     return (np.unpackbits(codes, axis=1).view(np.int8) << 1) - 1
 
 
-class _Mask:
-    """Where a tile is below a value, with one comparison into a reused buffer (no fresh pages per tile)."""
-
-    def __init__(self) -> None:
-        self.buffer = np.empty(0, bool)
-
-    def below(self, values: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.buffer.size < values.size:
-            self.buffer = np.empty(values.size, bool)
-        mask = self.buffer[:values.size].reshape(values.shape)
-        return _nonzero(np.less(values, value, out=mask))
-
-
-def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.nonzero of a contiguous 2-d bool mask, fast when it is sparse: scan it eight bytes at a time."""
-    flat = mask.reshape(-1)
-    head = flat.size // 8 * 8
-    words = (flat[:head].view(np.uint64) != 0).nonzero()[0]  # bool nonzero has numpy's fast path
-    if len(words) * 64 > head:  # dense: a plain scan is cheaper than expanding the words
-        return np.divmod(flat.nonzero()[0], mask.shape[1])
-    spots = (words[:, None] * 8 + np.arange(8)).ravel()
-    spots = np.concatenate([spots[flat[spots]], head + flat[head:].nonzero()[0]])
-    return np.divmod(spots, mask.shape[1])
+def _below(values: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) where values < value. Hits are rare, so a row minimum (one fast reduction) finds the rows that
+    have any, and only those rows are compared and scanned."""
+    rows = np.flatnonzero(values.min(axis=1) < value)
+    if len(rows) * 4 > len(values):  # hits in many rows: compare the whole tile rather than copy those rows
+        return np.divmod(np.flatnonzero(values < value), values.shape[1])
+    r, c = np.divmod(np.flatnonzero(values[rows] < value), values.shape[1])
+    return rows[r], c
 
 
 def topk(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

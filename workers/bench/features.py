@@ -29,7 +29,7 @@ TOLERANCE = 1e-3  # largest difference allowed, relative to the largest feature 
 @dataclass(frozen=True)
 class Params:
     sizes: str = field(default="112,160,224", metadata={"help": "frame sizes in pixels, comma-separated"})
-    frames: int = field(default=128, metadata={"help": "frames per timed call"})
+    frames: int = field(default=64, metadata={"help": "frames per timed call"})
     batch_size: int = field(default=64, metadata={"help": "frames per CNN forward, both sides"})
 
 
