@@ -201,7 +201,7 @@ def test_standing_queries_update_and_delete():
     queries.add(_query("a", codes["c"], 0))  # update: a now looks for c's code
     assert [h.query_id for h in queries.match(moment)] == ["a", "c"]
     assert queries.delete("c") and not queries.delete("c")
-    assert "c" not in queries and len(queries) == 3
+    assert "c" not in queries and len(queries) == 3 and set(queries) == {"a", "b", "d"}
     assert [h.query_id for h in queries.match(moment)] == ["a"]
     assert [h.query_id for h in queries.match([_moment(codes["d"])])] == ["d"]  # the moved row still matches
     queries.delete("a"), queries.delete("b"), queries.delete("d")

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         bench = load(name)
         command = sub.add_parser(name, help=bench.TITLE, description=f"{bench.TITLE}. Reference: {bench.REFERENCE}")
         command.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-        command.add_argument("--repeats", type=int, default=bench.REPEATS, help="timed calls of each side [%(default)s]")
+        command.add_argument("--repeats", type=int, default=bench.REPEATS,
+                             help="timed calls of each side [%(default)s]")
         command.add_argument("--warmup", type=int, default=bench.WARMUP,
                              help="untimed (but checked) calls of each side first [%(default)s]")
         command.add_argument("--threads", type=int, default=0,

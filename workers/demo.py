@@ -62,7 +62,7 @@ def calibrate(checkpoint: Path, data: Path, features: Path) -> int:
     from pipeline.model import load_checkpoint
     from pipeline.training.evaluate import build_samples, score_video
     from pipeline.training.extract import FeatureSet
-    from pipeline.training.metrics import ground_truth_iou
+    from pipeline.spans import ground_truth_iou
 
     model, _ = load_checkpoint(checkpoint)
     bits = model.config.bits
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _follow(subscription, producer, queries, duration: float) -> dict[str, list[tuple]]:
     """Print match events as they come until the stream has ended and the workers have caught up."""
-    from pipeline.training.metrics import temporal_iou
+    from pipeline.spans import temporal_iou
     import numpy as np
 
     seen: dict[str, list[tuple]] = {query_id: [] for query_id in queries}

@@ -9,10 +9,14 @@ The database is scanned in tiles with one of two kernels:
 - ``matmul``: with the codes as +-1 vectors, q . x = bits - 2 d(q, x), so a block of queries against a tile of
   codes is one int8 matrix product (``torch._int_mm``), which the CPU's int8 dot-product instructions compute
   faster than per-pair popcounts; it reads an unpacked copy of the database (bits bytes per code).
-Top-k never sorts a tile: each query keeps a bound (its k-th best distance so far, set from the first tile by a
-partition), only codes strictly below it are collected (a later code loses ties), with one scalar comparison per
-tile, and the collected candidates are compacted with one sort of packed (query, distance, index) keys when they
-outgrow a budget.
+Hits are rare, so a tile is first reduced to its row minima and only rows with a hit are compared and scanned
+(``_below``). Top-k never sorts a tile: each query keeps a bound (its k-th best distance so far, set from the first
+tile by a partition), only codes strictly below it are collected (a later code loses ties), and the collected
+candidates are compacted with one sort of packed (query, distance, index) keys whenever they double.
+
+Measured on this project's 2-core Xeon (AVX-512 VNNI), one thread each, 1M random 128-bit codes x 1000 queries:
+about 1.4x faiss's speed for top-10 and range search, 1.05-1.15x for top-100; for fewer than
+``MATMUL_MIN_QUERIES`` queries the popcount kernel is 1.5-2x slower than faiss.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class BinaryIndex:
     """Packed ``bits``-bit codes searched exhaustively, like faiss ``IndexBinaryFlat(bits)``.
 
     ``add`` only appends; the layouts the kernels read (word planes, unpacked bits) are built on the first search
-    after it and kept, so build the index once and search it many times.
+    after it and kept, so build the index once and search it many times. Searches reuse scratch memory: do not
+    search one index from two threads at once.
     """
 
     def __init__(self, bits: int, kernel: str = "auto") -> None:
@@ -53,6 +58,7 @@ class BinaryIndex:
         self._codes = np.empty((0, bits // 8), np.uint8)
         self._planes: np.ndarray | None = None  # [words, N]: word w of every code, contiguous
         self._signs: torch.Tensor | None = None  # int8 [bits, N] of +-1, for the matmul kernel
+        self._out: torch.Tensor | None = None  # the matmul kernel's output tiles
 
     @property
     def ntotal(self) -> int:
@@ -149,7 +155,9 @@ class BinaryIndex:
         if self._signs is None:
             self._signs = torch.from_numpy(_signs(self._codes).T.copy())
         negated = torch.from_numpy(-_signs(queries))
-        out = torch.empty(_MATMUL_BLOCK * _MATMUL_TILE, dtype=torch.int32)  # reused: no fresh pages per tile
+        if self._out is None:  # kept: first-touching 2 MB of fresh pages costs more than the product
+            self._out = torch.empty(_MATMUL_BLOCK * _MATMUL_TILE, dtype=torch.int32)
+        out = self._out
         for n0 in range(0, self.ntotal, _MATMUL_TILE):
             tile = self._signs[:, n0:n0 + _MATMUL_TILE]
             for q0 in range(0, len(queries), _MATMUL_BLOCK):
@@ -250,7 +258,7 @@ def _signs(codes: np.ndarray) -> np.ndarray:
 def _below(values: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) where values < value. Hits are rare, so a row minimum (one fast reduction) finds the rows that
     have any, and only those rows are compared and scanned."""
-    rows = np.flatnonzero(values.min(axis=1) < value)
+    rows = np.flatnonzero(np.minimum.reduce(values, axis=1) < value)
     if len(rows) * 4 > len(values):  # hits in many rows: compare the whole tile rather than copy those rows
         return np.divmod(np.flatnonzero(values < value), values.shape[1])
     r, c = np.divmod(np.flatnonzero(values[rows] < value), values.shape[1])

@@ -2,8 +2,8 @@
 
 ``StandingQueries`` keeps the registered queries' codes stacked in one [Q, W] array with a threshold vector, so a
 batch of moments is matched against all queries at once: one exact range search (``BinaryIndex``) with a radius
-per query. A real moment yields many hits: the
-candidates of several scales and shifts around it all come close to the query. ``HitMerger`` turns them into one
+per query. A real moment yields many hits: the candidates of several scales and shifts around it all come close
+to the query. ``HitMerger`` turns them into one
 event per moment with a settle window (a streaming non-maximum suppression):
 
 - hits are grouped per (query, stream); a hit whose temporal IoU with an open cluster's best hit is at least
@@ -19,7 +19,7 @@ takes over a stream rebuilds it by replaying the stream's recent moments, or res
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -41,25 +41,30 @@ class Hit:
 
 
 class StandingQueries:
-    """The registered queries of one code space (``bits``, ``model``), kept as stacked codes and thresholds."""
+    """The registered queries of one code space (``bits``, ``model``).
+
+    Matching reads them stacked: codes [Q, W] in a ``BinaryIndex`` and a radius vector, ordered by threshold so
+    that each tile of the search holds similar radii. The stack is rebuilt on the first match after a change.
+    """
 
     def __init__(self, bits: int, model: str = "") -> None:
         if bits <= 0 or bits % 8:
             raise CodeError(f"code length must be a positive multiple of 8 bits, got {bits}")
         self.bits, self.model = bits, model
         self._queries: dict[str, StandingQuery] = {}
-        self._rows: dict[str, int] = {}
-        self._ids: list[str] = []
-        self._codes = np.empty((0, bits // 8), np.uint8)
-        self._thresholds = np.empty(0, np.int64)
-        self._index: BinaryIndex | None = None  # of _codes[_order], rebuilt after a change
-        self._order = np.empty(0, np.int64)
+        self._index: BinaryIndex | None = None  # None after a change
+        self._ids: list[str] = []  # the index's rows
+        self._radii = np.empty(0, np.int64)  # threshold + 1 per row
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._queries)
 
     def __contains__(self, query_id: object) -> bool:
-        return query_id in self._rows
+        return query_id in self._queries
+
+    def __iter__(self) -> Iterator[str]:
+        """The registered query ids."""
+        return iter(list(self._queries))
 
     def get(self, query_id: str) -> StandingQuery | None:
         return self._queries.get(query_id)
@@ -71,52 +76,38 @@ class StandingQueries:
         if query.bits != self.bits or (self.model and query.model and query.model != self.model):
             raise InvalidQuery(f"query {query.query_id!r} is a {query.bits}-bit code of model {query.model!r}; "
                                f"these queries are {self.bits}-bit codes of model {self.model!r}")
-        row = self._rows.get(query.query_id)
-        if row is None:
-            row = len(self._ids)
-            self._rows[query.query_id] = row
-            self._ids.append(query.query_id)
-            self._codes = np.concatenate([self._codes, query.code[None]])
-            self._thresholds = np.append(self._thresholds, query.threshold)
-        else:
-            self._codes[row], self._thresholds[row] = query.code, query.threshold
         self._queries[query.query_id] = query
         self._index = None
 
     def delete(self, query_id: str) -> bool:
         """Forget a query (a tombstone on the queries topic); False if it was not registered."""
-        row = self._rows.pop(query_id, None)
-        if row is None:
-            return False
-        del self._queries[query_id]
-        last = len(self._ids) - 1
-        if row != last:  # move the last query into the hole
-            moved = self._ids[last]
-            self._ids[row], self._rows[moved] = moved, row
-            self._codes[row], self._thresholds[row] = self._codes[last], self._thresholds[last]
-        self._ids.pop()
-        self._codes, self._thresholds = self._codes[:last].copy(), self._thresholds[:last].copy()
         self._index = None
-        return True
+        return self._queries.pop(query_id, None) is not None
 
     def match(self, moments: Sequence[MomentCode]) -> list[Hit]:
         """Every (moment, query) pair within the query's own threshold, sorted."""
-        if not moments or not self._ids:
+        if not moments or not self._queries:
             return []
         for moment in moments:
             if moment.bits != self.bits or (self.model and moment.model and moment.model != self.model):
                 raise CodeError(f"moment of stream {moment.stream_id!r} is a {moment.bits}-bit code of model "
                                 f"{moment.model!r}, the queries are {self.bits}-bit codes of model {self.model!r}")
-        if self._index is None:  # codes ordered by threshold: the search's tiles then have similar radii
-            self._order = np.argsort(self._thresholds, kind="stable")
+        if self._index is None:
+            queries = sorted(self._queries.values(), key=lambda q: (q.threshold, q.query_id))
+            self._ids = [q.query_id for q in queries]
+            self._radii = np.array([q.threshold + 1 for q in queries], np.int64)
             self._index = BinaryIndex(self.bits)
-            self._index.add(self._codes[self._order])
-        codes = np.frombuffer(b"".join(m.code.tobytes() for m in moments), np.uint8).reshape(len(moments), -1)
-        lims, distances, rows = self._index.range_search(codes, self._thresholds[self._order] + 1)
+            self._index.add(_stack([q.code for q in queries]))
+        lims, distances, rows = self._index.range_search(_stack([m.code for m in moments]), self._radii)
         which = np.repeat(np.arange(len(moments)), np.diff(lims))
         return sorted(Hit(self._ids[q], moments[m].stream_id, moments[m].start, moments[m].end, d,
                           moments[m].capture_time)
-                      for m, q, d in zip(which.tolist(), self._order[rows].tolist(), distances.tolist()))
+                      for m, q, d in zip(which.tolist(), rows.tolist(), distances.tolist()))
+
+
+def _stack(codes: list[np.ndarray]) -> np.ndarray:
+    """[n, W] from n codes [W]; one join, cheaper than np.stack for many small arrays."""
+    return np.frombuffer(b"".join(code.tobytes() for code in codes), np.uint8).reshape(len(codes), -1)
 
 
 def temporal_iou(a: Hit, b: Hit) -> float:

@@ -2,7 +2,7 @@
 
 from pipeline.model.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
 from pipeline.model.cmhn import CMHN, PRESETS, QEN, VEN, CMHNConfig, build_cmhn, candidate_spans, get_preset
-from pipeline.model.loss import cmhn_loss, smooth_sign, target_iou, temporal_iou
+from pipeline.model.loss import cmhn_loss, smooth_sign, target_iou
 from pipeline.model.streaming import Moment, StreamingEncoder, StreamStateError
 from pipeline.model.tcn import TemporalBlock, TemporalConvNet
 
@@ -27,5 +27,4 @@ __all__ = [
     "save_checkpoint",
     "smooth_sign",
     "target_iou",
-    "temporal_iou",
 ]

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pipeline.spans import ground_truth_iou
+
 
 def smooth_sign(x: torch.Tensor) -> torch.Tensor:
     """h = f(sqrt(B) x / ||x||) over the last dim, f(u) = ln(1 + 3.92155 u^2) / (1.59362 u + 1e-7): odd up to the
@@ -20,26 +22,13 @@ def smooth_sign(x: torch.Tensor) -> torch.Tensor:
     return torch.log1p(3.92155 * u * u) / (1.59362 * u + 1e-7)
 
 
-def temporal_iou(spans_a: torch.Tensor | np.ndarray, spans_b: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Pairwise IoU [N, M] of intervals [N, 2] and [M, 2] given as (start, end); 0 where both are empty."""
-    a, b = _spans(spans_a), _spans(spans_b)
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    a, b = a.to(dtype), b.to(dtype)
-    inter = (torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp_min(0)
-    union = (a[:, None, 1] - a[:, None, 0]) + (b[None, :, 1] - b[None, :, 0]) - inter
-    return torch.where(union > 0, inter / union.clamp_min(torch.finfo(inter.dtype).tiny), 0.0)
-
-
 def target_iou(
     ground_truths: Sequence[torch.Tensor | np.ndarray], candidates: torch.Tensor | np.ndarray
 ) -> torch.Tensor:
     """S [M, N]: for each of M sentences the best IoU of any of its ground-truth spans [g_i, 2] with each candidate."""
-    counts = torch.tensor([len(spans) for spans in ground_truths])
-    if len(counts) == 0 or int(counts.min()) == 0:
-        raise ValueError("every sentence needs at least one ground-truth span")
-    iou = temporal_iou(torch.cat([_spans(spans) for spans in ground_truths]), candidates)
-    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    return iou.new_zeros(len(counts), iou.shape[1]).scatter_reduce_(0, owner[:, None].expand_as(iou), iou, "amax")
+    truths = [np.asarray(spans.cpu() if isinstance(spans, torch.Tensor) else spans) for spans in ground_truths]
+    candidates = np.asarray(candidates.cpu() if isinstance(candidates, torch.Tensor) else candidates)
+    return torch.from_numpy(ground_truth_iou(candidates, truths)).to(torch.get_default_dtype())
 
 
 def cmhn_loss(h_s: torch.Tensor, h_v: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
@@ -53,10 +42,3 @@ def cmhn_loss(h_s: torch.Tensor, h_v: torch.Tensor, iou: torch.Tensor) -> torch.
     l1 = (h_s @ h_v.T - bits * iou).square().sum()
     l2 = (h_s - h_s.sign().detach()).square().sum() + (h_v - h_v.sign().detach()).square().sum()
     return l1 + l2
-
-
-def _spans(spans: torch.Tensor | np.ndarray) -> torch.Tensor:
-    spans = torch.as_tensor(spans)
-    if spans.dim() != 2 or spans.shape[1] != 2:
-        raise ValueError(f"spans must be [N, 2] (start, end), got {list(spans.shape)}")
-    return spans if spans.is_floating_point() else spans.to(torch.get_default_dtype())

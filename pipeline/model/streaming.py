@@ -148,7 +148,7 @@ class StreamingEncoder:
         for block in self.ven.tcn.blocks:
             out = block.relu1(_conv(block.conv1, self._push(next(caches), rows, x)))
             out = block.relu2(_conv(block.conv2, self._push(next(caches), rows, out)))
-            x = block.relu(out + block.residual(x))
+            x = block.relu(out + (x if block.downsample is None else _conv(block.downsample, x)))
         return self._push(next(caches), rows, x)
 
     def _push(self, index: int, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -162,10 +162,10 @@ class StreamingEncoder:
         """Run every head due at this second (x >= k and (x - k) % s == 0) on its streams' last k TCN outputs."""
         kernels, strides = self._kernels, self._strides
         due = (seconds[:, None] >= kernels) & ((seconds[:, None] - kernels) % strides == 0)  # [streams, heads]
-        outs = [
-            self.ven.heads[h](window[torch.from_numpy(np.flatnonzero(due[:, h])).to(self.device), :, -kernels[h] :])
-            for h in np.flatnonzero(due.any(axis=0))
-        ]
+        outs = []
+        for h in np.flatnonzero(due.any(axis=0)):
+            rows = torch.from_numpy(np.flatnonzero(due[:, h])).to(self.device)
+            outs.append(_conv(self.ven.heads[h], window[rows, :, -kernels[h] :]))
         if not outs:
             return []
         heads, streams = np.nonzero(due.T)  # the order of outs
@@ -199,11 +199,12 @@ class StreamingEncoder:
 
 
 def _conv(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
-    """conv over a window without padding. For a single output column it reads only the k taps d apart, as an
-    undilated conv: same numbers, without torch's slow dilated-conv path (most of a step's time otherwise)."""
+    """conv over a window without padding. For a single output column (a step, a due head) it is one matrix product
+    of the k taps d apart with the flattened weight: same numbers, without torch's slow dilated-conv path, and on CPU
+    3-4x faster than a conv over so few columns (`vmh bench encoder`)."""
     (kernel,), (dilation,) = conv.kernel_size, conv.dilation
     if window.shape[2] == (kernel - 1) * dilation + 1:
-        return F.conv1d(window[:, :, ::dilation], conv.weight, conv.bias)
+        return F.linear(window[:, :, ::dilation].flatten(1), conv.weight.flatten(1), conv.bias).unsqueeze(2)
     return conv(window)
 
 

@@ -62,7 +62,8 @@ def looped(source: str, seconds: float, out: str) -> tuple[int, float]:
             for loop in range(loops):
                 for packet in packets:
                     copy = av.Packet(bytes(packet))
-                    copy.pts, copy.dts, copy.duration = packet.pts + loop * span, packet.dts + loop * span, packet.duration
+                    copy.pts, copy.dts = packet.pts + loop * span, packet.dts + loop * span
+                    copy.duration = packet.duration
                     copy.is_keyframe = packet.is_keyframe
                     copy.time_base = packet.time_base
                     copy.stream = target

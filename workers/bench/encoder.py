@@ -80,7 +80,7 @@ def cases(params: Params, stack: ExitStack) -> list[Case]:
     encoder = StreamingEncoder(model)
     if params.window < encoder.receptive_field:
         raise ValueError(f"a window of {params.window} s is shorter than the receptive field "
-                         f"({encoder.receptive_field} s): the reference's moments would differ from the full-history ones")
+                         f"({encoder.receptive_field} s): the reference's moments would not be the full-history ones")
     feed = _Feed(params.streams, params.video_dim, params.seed)
     ids = [_stream_id(i) for i in range(params.streams)]
     for i, stream in enumerate(ids):

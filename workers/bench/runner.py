@@ -168,7 +168,8 @@ def table(result: dict[str, Any], title: str) -> str:
              "check")]
     for c in result["cases"]:
         rows.append((
-            c["case"], _num(c["median_ours"]), _num(c["median_reference"]), f"{c['ratio']:.2f}", f"{c['cpu_ratio']:.2f}",
+            c["case"], _num(c["median_ours"]), _num(c["median_reference"]), f"{c['ratio']:.2f}",
+            f"{c['cpu_ratio']:.2f}",
             _spread(c["seconds_ours"]), _spread(c["seconds_reference"]), "ok" if c["check"]["passed"] else "FAILED",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
