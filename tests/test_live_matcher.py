@@ -47,7 +47,7 @@ def events_of(events):
 def test_text_queries_are_encoded_and_tombstones_delete():
     m = matcher()
     assert m.apply_queries([("a", query("a", "red circle", threshold=2)), ("b", query("b", "blue", threshold=1))]) == []
-    assert set(m.queries._rows) == {"a", "b"}
+    assert set(m.queries) == {"a", "b"}
     assert m.queries.get("a").code.tobytes() == b"red "
     m.apply_queries([("a", None)])
     assert "a" not in m.queries and "b" in m.queries

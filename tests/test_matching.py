@@ -25,7 +25,7 @@ def _random_codes(rng, n, nbytes, distinct=256):
     return rng.integers(0, distinct, size=(n, nbytes), dtype=np.uint8)
 
 
-def _faiss(codes, queries):
+def _faiss(codes):
     index = faiss.IndexBinaryFlat(8 * codes.shape[1])
     index.add(codes)
     return index
@@ -49,7 +49,7 @@ def one_faiss_thread():
 def test_topk_equals_faiss(kernel, nbytes, n, q, k, distinct):
     rng = np.random.default_rng(n + q + k)
     codes, queries = _random_codes(rng, n, nbytes, distinct), _random_codes(rng, q, nbytes, distinct)
-    expected = _faiss(codes, queries).search(queries, k)
+    expected = _faiss(codes).search(queries, k)
     index = BinaryIndex(8 * nbytes, kernel)
     index.add(codes)
     distances, indices = index.search(queries, k)
@@ -63,7 +63,7 @@ def test_topk_equals_faiss(kernel, nbytes, n, q, k, distinct):
 def test_range_search_equals_faiss(kernel, radius):
     rng = np.random.default_rng(radius)
     codes, queries = _random_codes(rng, 5000, 16, 4), _random_codes(rng, 30, 16, 4)
-    lims, distances, indices = _faiss(codes, queries).range_search(queries, radius)
+    lims, distances, indices = _faiss(codes).range_search(queries, radius)
     index = BinaryIndex(128, kernel)
     index.add(codes)
     ours = index.range_search(queries, radius)
@@ -97,7 +97,7 @@ def test_topk_and_range_equal_faiss_on_random_shapes(n, q, k, nbytes, distinct, 
     codes, queries = _random_codes(rng, n, nbytes, distinct), _random_codes(rng, q, nbytes, distinct)
     index = BinaryIndex(8 * nbytes, kernel)
     index.add(codes)
-    reference = _faiss(codes, queries)
+    reference = _faiss(codes)
     for ours, theirs in zip(index.search(queries, k), reference.search(queries, k)):
         np.testing.assert_array_equal(ours, theirs)
     radius = int(rng.integers(0, 8 * nbytes + 2))
@@ -112,7 +112,7 @@ def test_compaction_keeps_results_exact(kernel, monkeypatch):
     codes, queries = _random_codes(rng, 20000, 16, 3), _random_codes(rng, 17, 16, 3)
     index = BinaryIndex(128, kernel)
     index.add(codes)
-    for ours, theirs in zip(index.search(queries, 3), _faiss(codes, queries).search(queries, 3)):
+    for ours, theirs in zip(index.search(queries, 3), _faiss(codes).search(queries, 3)):
         np.testing.assert_array_equal(ours, theirs)
 
 
