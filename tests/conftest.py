@@ -8,26 +8,13 @@ starts on a random free port with a temporary data dir (about 5 s, once per sess
 from __future__ import annotations
 
 import os
-import random
 import re
-import socket
 import uuid
 from typing import Callable, Iterator
 
 import pytest
 
-
-def free_port_pair() -> int:
-    """A port p with p and p + 1 free on loopback (the broker's client and controller listeners)."""
-    for port in random.sample(range(20000, 40000, 2), 200):
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of loopback ports in 20000-40000")
+from pipeline.bus.broker import free_port_pair
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BENCHMARKS = {name: f"workers.bench.{name}" for name in ("decode", "features", "encoder", "matching", "bus")}
+BENCHMARKS = {name: f"workers.bench.{name}" for name in ("decode", "features", "encoder", "matching", "bus", "e2e")}
 
 
 def load(name: str) -> ModuleType:
