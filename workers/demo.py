@@ -41,11 +41,16 @@ def prepare(cache: Path, retrain: bool = False) -> tuple[Path, int]:
     extractor = ["--sample-rate", str(SAMPLE_RATE), "--frame-size", str(FRAME_SIZE)]
     _step("rendering the synthetic dataset", cli.main(["synth", "--out", str(data), *DATASET]))
     _step("extracting features", cli.main(["extract", str(data / "videos"), "--out", str(features), *extractor]))
-    if retrain or not (model / "config.json").is_file():
+    trained = cache / "trained.json"  # written once training has run all its epochs
+    if retrain or not trained.is_file():
+        from pipeline.training.train import state_path
+
+        resume = ["--resume"] if state_path(model).is_file() and not retrain else []
         _step("training the lite model", cli.main([
             "train", "--dataset", f"activitynet:{data / 'train.json'}", "--features", str(features),
-            "--out", str(model), "--preset", "lite", "--epochs", str(EPOCHS)]))
+            "--out", str(model), "--preset", "lite", "--epochs", str(EPOCHS), *resume]))
         (cache / "threshold.json").unlink(missing_ok=True)
+        trained.write_text(json.dumps({"epochs": EPOCHS}))
     threshold_file = cache / "threshold.json"
     if not threshold_file.is_file():
         threshold_file.write_text(json.dumps({"threshold": calibrate(model, data, features)}))
@@ -88,11 +93,16 @@ def model_device(model):
 def run(args: argparse.Namespace) -> int:
     from pipeline.client import Client
     from pipeline.datasets import load_dataset
-    from workers.up import start_system
+    from workers.up import start_system, wait_until_consuming
 
+    import logging
+
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the demo prints its own story; workers log to stderr
     cache = Path(args.cache_dir) / "demo"
     checkpoint, threshold = prepare(cache, args.retrain)
-    videos = sorted(load_dataset("activitynet", cache / "data" / "test.json"), key=lambda v: v.video_id)
+    # held-out videos with the most moments first
+    videos = sorted(load_dataset("activitynet", cache / "data" / "test.json"),
+                    key=lambda v: (-len(v.annotations), v.video_id))
     video = videos[args.video % len(videos)]
     others = [a for v in videos if v is not video for a in v.annotations]
     distractors = random.Random(args.video).sample(others, k=min(2, len(others)))
@@ -116,9 +126,11 @@ def run(args: argparse.Namespace) -> int:
             text = (annotation or distractors[int(query_id.removeprefix("absent"))]).sentence
             print(f"  query {query_id}: {text!r} ({truth})")
         subscription = client.subscribe(from_beginning=True)
+        wait_until_consuming(bootstrap, [f"{prefix}-encoder", f"{prefix}-query"])
         producer = system.start("producer", "producer", f"{video.video_id}={cache / 'data' / 'videos' / video.video_id}.mp4",
                                 "--realtime")
         summary = _follow(subscription, producer, queries, video.duration)
+        subscription.close()
     finally:
         system.stop()
         if own_broker:

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "checkpoint", "device", "bootstrap-servers", "topic-prefix", "metrics-port")
-    parser.add_argument("--group", default="vmh-encoder", help="consumer group of the encoder workers")
+    parser.add_argument("--group", default=None,
+                        help="consumer group of the encoder workers [default: <topic-prefix>-encoder]")
     parser.add_argument("--instance", default=socket.gethostname(),
                         help="stable name of this instance; its transactional id fences a predecessor of the same name")
     parser.add_argument("--batch-records", type=int, default=500, help="most input records per transaction")
@@ -42,11 +43,12 @@ def run(args: argparse.Namespace) -> int:
     coder = LiveCoder(StreamingEncoder(model, device), bits=model.config.bits, model=model_id)
     bootstrap = bootstrap_servers(args.bootstrap_servers)
     names = topics(args.topic_prefix)
+    group = args.group or f"{args.topic_prefix}-encoder"
     create_topics(bootstrap, prefix=args.topic_prefix)
     metrics.serve(args.metrics_port)
     worker = EncoderWorker(coder, names, bootstrap)
     processor = ExactlyOnceProcessor(
-        [names.features], args.group, f"{args.group}-{args.instance}", worker.transform,
+        [names.features], group, f"{group}-{args.instance}", worker.transform,
         on_revoke=worker.forget, bootstrap=bootstrap, max_poll_records=args.batch_records,
     )
     log.info("encoder running", extra={"fields": {"device": str(device), "model": model_id}})

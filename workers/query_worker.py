@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "checkpoint", "device", "bootstrap-servers", "topic-prefix", "metrics-port")
-    parser.add_argument("--group", default="vmh-query", help="consumer group of the query workers")
+    parser.add_argument("--group", default=None,
+                        help="consumer group of the query workers [default: <topic-prefix>-query]")
     parser.add_argument("--instance", default=socket.gethostname(),
                         help="stable name of this instance; its transactional id fences a predecessor of the same name")
     parser.add_argument("--batch-records", type=int, default=500, help="most input records per transaction")
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
                           archive_size=args.archive_size, archive_age=args.archive_hours * 3600)
     bootstrap = bootstrap_servers(args.bootstrap_servers)
     names = topics(args.topic_prefix)
+    group = args.group or f"{args.topic_prefix}-query"
     create_topics(bootstrap, prefix=args.topic_prefix)
     metrics.serve(args.metrics_port)
     worker = QueryWorker(matcher, names, bootstrap, longest_moment=max(model.config.kernel_sizes))
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     queries = read_committed_consumer([names.queries], bootstrap=bootstrap)
     publish_errors(worker.sync_queries(queries, to_end=True))
     requests = read_committed_consumer([names.search_requests], from_beginning=False, bootstrap=bootstrap)
-    processor = ExactlyOnceProcessor([names.moments], args.group, f"{args.group}-{args.instance}", worker.transform,
+    processor = ExactlyOnceProcessor([names.moments], group, f"{group}-{args.instance}", worker.transform,
                                      on_assign=worker.restore, on_revoke=worker.forget, bootstrap=bootstrap,
                                      max_poll_records=args.batch_records)
     worker.processor = processor

@@ -58,6 +58,24 @@ class System:
                 child.wait()
 
 
+def wait_until_consuming(bootstrap: str, groups: list[str], timeout: float = 120.0) -> None:
+    """Block until every consumer group is stable with members, i.e. the workers have loaded their models and
+    joined; live streams pushed before that would queue up and show the start-up time as latency."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            described = admin.describe_groups(groups)
+            if all(g["group_state"] == "Stable" and g["members"] for g in described.values()):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"workers did not join consumer groups {groups} within {timeout:.0f} s")
+    finally:
+        admin.close()
+
+
 def start_system(args: argparse.Namespace, checkpoint: Path) -> tuple[System, str, bool]:
     """Broker (if needed), topics and workers; returns the system, the bootstrap servers and whether we started
     the broker (so the caller stops it)."""

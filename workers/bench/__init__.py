@@ -2,7 +2,8 @@
 
 Each module names what it compares (``NAME``, ``TITLE``, ``REFERENCE``, ``UNIT``, ``TARGET``, default ``REPEATS``
 and ``WARMUP``), declares its parameters as a ``Params`` dataclass, and builds its timed ``Case`` list with
-``cases(params, stack)``; ``workers.bench.runner`` times, checks and reports them. Modules import torch, av and
+``cases(params, stack)``; ``workers.bench.runner`` times, checks and reports them. A benchmark that is not an
+interleaved comparison (e2e) provides ``measure(params)`` and ``table(result)`` instead. Modules import torch, av and
 faiss inside functions, so listing the benchmarks stays cheap.
 """
 

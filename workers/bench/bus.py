@@ -13,8 +13,6 @@ free loopback port with a temporary data dir, and stopped at the end.
 
 from __future__ import annotations
 
-import random
-import socket
 import tempfile
 import uuid
 from contextlib import ExitStack
@@ -28,7 +26,7 @@ REFERENCE = ("kafka-python KafkaProducer with default settings (3.0.12: acks=all
              "batch_size=16384) sending raw payloads of the same size and keys")
 UNIT = "records/s"
 TARGET = 0.9
-REPEATS = 5
+REPEATS = 9
 WARMUP = 1
 
 
@@ -42,21 +40,8 @@ class Params:
                                                                  "setting, else a broker started for the benchmark"})
 
 
-def free_port_pair() -> int:
-    """A port p with p and p + 1 free on loopback (the broker's client and controller listeners)."""
-    for port in random.sample(range(20000, 40000, 2), 200):
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of loopback ports in 20000-40000")
-
-
 def broker(params: Params, stack: ExitStack) -> str:
-    from pipeline.bus.broker import ensure_broker, stop_broker
+    from pipeline.bus.broker import ensure_broker, free_port_pair, stop_broker
     from pipeline.settings import resolve
 
     given = params.bootstrap_servers or resolve("bootstrap-servers")
@@ -72,6 +57,7 @@ def broker(params: Params, stack: ExitStack) -> str:
 def cases(params: Params, stack: ExitStack) -> list[Case]:
     import numpy as np
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.record.util import crc32c_c
 
     from pipeline.bus.kafka import admin_client, at_least_once_producer, read_range
     from pipeline.bus.records import FrameFeatures, decode, encode, record_key
@@ -135,5 +121,7 @@ def cases(params: Params, stack: ExitStack) -> list[Case]:
         work=params.records,
         check=check,
         amounts=lambda out: {"MB": out * len(payload) / 1e6},
-        notes={"record_bytes": len(payload), "bootstrap": bootstrap, "partitions": params.partitions},
+        notes={"record_bytes": len(payload), "bootstrap": bootstrap, "partitions": params.partitions,
+               # kafka-python checksums every record batch, in pure Python unless the crc32c package is installed
+               "crc32c": "pure Python" if crc32c_c is None else "C (crc32c package)"},
     )]
