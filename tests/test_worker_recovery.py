@@ -48,21 +48,24 @@ def kill_and_restart(args, env, log, ready) -> None:
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    ready.close()
     return spawn(args, env, log)
 
 
-def committed_at_least(bootstrap, topic, count):
+class committed_at_least:
     """A check that turns true once ``count`` records of ``topic`` are committed."""
-    from pipeline.bus.kafka import read_committed_consumer
 
-    consumer = read_committed_consumer([topic], bootstrap=bootstrap)
-    seen = []
+    def __init__(self, bootstrap, topic, count):
+        from pipeline.bus.kafka import read_committed_consumer
 
-    def ready() -> bool:
-        seen.extend(r for batch in consumer.poll(timeout_ms=100).values() for r in batch)
-        return len(seen) >= count
+        self.consumer, self.count, self.seen = read_committed_consumer([topic], bootstrap=bootstrap), count, 0
 
-    return ready
+    def __call__(self) -> bool:
+        self.seen += sum(len(batch) for batch in self.consumer.poll(timeout_ms=100).values())
+        return self.seen >= self.count
+
+    def close(self) -> None:
+        self.consumer.close()
 
 
 def test_encoder_killed_mid_stream(kafka_bootstrap, stream):
