@@ -19,6 +19,18 @@ from pipeline.bus.broker import free_port_pair
 
 
 @pytest.fixture
+def one_thread_seeded():
+    """Seeded; tiny convs run faster on one thread than on two cores shared with other work."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def free_port() -> int:
     return free_port_pair()
 

@@ -1,4 +1,4 @@
-"""Helpers for the integration tests: worker processes, a small real checkpoint, committed records of a topic."""
+"""Shared test helpers: worker processes, small real checkpoints and models, committed records of a topic."""
 
 from __future__ import annotations
 
@@ -87,3 +87,14 @@ def render_synthetic(path: Path, duration: float = 12.0, seed: int = 3) -> Path:
     events = sample_events(rng, duration, 8, max_events=2, max_length=min(12.0, duration / 2))
     render_video(path, events, duration, 8, 128, seed)
     return path
+
+
+def narrow_cmhn(preset: str, video_dim: int = 6):
+    """A preset's kernels, dilations and heads with narrow float64 layers, so model tests run in milliseconds."""
+    from dataclasses import replace
+
+    from pipeline.model import CMHN, PRESETS
+
+    depth = len(PRESETS[preset].channels)
+    config = replace(PRESETS[preset], video_dim=video_dim, bits=16, channels=tuple(range(8 + depth, 8, -1)))
+    return CMHN(config).double().eval()

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.model import CMHN, PRESETS, build_cmhn, candidate_spans, cmhn_loss, smooth_sign, target_iou
+from harness import narrow_cmhn
+from pipeline.model import PRESETS, build_cmhn, candidate_spans, cmhn_loss, smooth_sign, target_iou
 from pipeline.model.tcn import TemporalConvNet
 
-
-@pytest.fixture(autouse=True)
-def one_thread_seeded():
-    """Seeded; tiny convs run faster on one thread than on two cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
-
-def narrow(preset: str) -> CMHN:
-    """The preset's kernels, dilations and heads with narrow layers, so tests run in milliseconds."""
-    depth = len(PRESETS[preset].channels)
-    config = replace(PRESETS[preset], video_dim=6, bits=16, channels=tuple(range(8 + depth, 8, -1)))
-    return CMHN(config).double().eval()
+pytestmark = pytest.mark.usefixtures("one_thread_seeded")
 
 
 @pytest.mark.parametrize("preset", ["tacos", "activitynet", "lite"])
@@ -41,7 +26,7 @@ def test_candidate_spans_follow_the_formula(preset: str, seconds: int) -> None:
     assert spans.dtype == np.int64 and spans.shape == (len(expected), 2)
     assert [tuple(span) for span in spans.tolist()] == expected
     with torch.no_grad():
-        codes = narrow(preset).ven(torch.randn(seconds, 6, dtype=torch.float64))
+        codes = narrow_cmhn(preset).ven(torch.randn(seconds, 6, dtype=torch.float64))
     assert codes.shape == (len(expected), 16)
 
 
@@ -54,7 +39,7 @@ def test_scales_longer_than_the_video_are_skipped() -> None:
 @pytest.mark.parametrize("preset", ["tacos", "activitynet"])
 def test_each_output_row_scores_its_span(preset: str) -> None:
     """Row j of VEN is the head of length k applied to exactly the TCN outputs inside span j."""
-    model, seconds = narrow(preset), 240
+    model, seconds = narrow_cmhn(preset), 240
     video = torch.randn(seconds, 6, dtype=torch.float64)
     with torch.no_grad():
         codes = model.ven(video)
@@ -68,7 +53,7 @@ def test_each_output_row_scores_its_span(preset: str) -> None:
 
 
 def test_batched_videos_match_single_videos() -> None:
-    model = narrow("lite")
+    model = narrow_cmhn("lite")
     videos = torch.randn(3, 40, 6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model.ven(videos), torch.stack([model.ven(v) for v in videos]))

@@ -4,33 +4,22 @@ exact to rounding and long sequences stay cheap."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from harness import narrow_cmhn
 from pipeline.codes.packing import pack_signs
-from pipeline.model import CMHN, PRESETS, StreamingEncoder, StreamStateError, build_cmhn, candidate_spans
+from pipeline.model import CMHN, StreamingEncoder, StreamStateError, build_cmhn, candidate_spans
 
 V = 6
-
-
-@pytest.fixture(autouse=True)
-def one_thread_seeded():
-    """Seeded; tiny convs run faster on one thread than on two cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_seeded")
 
 
 def narrow(preset: str) -> CMHN:
     """Narrow float64 CMHN of a preset, TCN weights scaled up so that even the farthest taps move the outputs."""
-    depth = len(PRESETS[preset].channels)
-    config = replace(PRESETS[preset], video_dim=V, bits=16, channels=tuple(range(8 + depth, 8, -1)))
-    model = CMHN(config).double()
+    model = narrow_cmhn(preset, V)
     for parameter in model.ven.tcn.parameters():
         torch.nn.init.normal_(parameter)
     return model.eval()

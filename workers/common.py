@@ -16,6 +16,26 @@ from workers import metrics
 log = logging.getLogger(__name__)
 
 
+class StreamPartitions:
+    """Which partition each stream's records come from, so per-stream state can follow partition moves."""
+
+    def __init__(self) -> None:
+        self._partition: dict[str, tuple[str, int]] = {}
+
+    def __contains__(self, stream_id: str) -> bool:
+        return stream_id in self._partition
+
+    def note(self, stream_id: str, topic: str, partition: int) -> None:
+        self._partition[stream_id] = (topic, partition)
+
+    def take(self, partitions) -> list[str]:
+        """Forget and return the streams of ``partitions`` (TopicPartitions, which compare equal to tuples)."""
+        gone = [stream_id for stream_id, tp in self._partition.items() if tp in partitions]
+        for stream_id in gone:
+            del self._partition[stream_id]
+        return gone
+
+
 def stop_on_signals() -> threading.Event:
     """An event set by SIGINT or SIGTERM, so a worker finishes its current batch and closes cleanly."""
     stop = threading.Event()

@@ -15,6 +15,8 @@ import time
 
 from pipeline.settings import add_settings
 
+from workers.common import StreamPartitions
+
 log = logging.getLogger(__name__)
 
 
@@ -61,14 +63,12 @@ class EncoderWorker:
 
     def __init__(self, coder, names, bootstrap: str) -> None:
         self.coder, self.names, self.bootstrap = coder, names, bootstrap
-        self.partition_of: dict[str, tuple[str, int]] = {}
+        self.streams = StreamPartitions()
 
     def forget(self, partitions) -> None:
         """Drop the state of streams on partitions this worker no longer owns."""
-        for stream_id, tp in list(self.partition_of.items()):
-            if tp in partitions:
-                self.coder.encoder.drop(stream_id)
-                del self.partition_of[stream_id]
+        for stream_id in self.streams.take(partitions):
+            self.coder.encoder.drop(stream_id)
 
     def transform(self, batch):
         from pipeline.bus.records import FrameFeatures
@@ -79,8 +79,8 @@ class EncoderWorker:
         decoded, out = decode_batch(batch, FrameFeatures, self.names.errors)
         errors = []
         for consumer_record, features in decoded:
-            first_of_stream = features.stream_id not in self.partition_of
-            self.partition_of[features.stream_id] = (consumer_record.topic, consumer_record.partition)
+            first_of_stream = features.stream_id not in self.streams
+            self.streams.note(features.stream_id, consumer_record.topic, consumer_record.partition)
             if first_of_stream and self.coder.needs_history(features):
                 errors += self.coder.restore(features.stream_id, self._history(consumer_record, features), features.t)
         moments, skipped = self.coder.encode(features for _, features in decoded)

@@ -22,6 +22,8 @@ import time
 
 from pipeline.settings import add_settings
 
+from workers.common import StreamPartitions
+
 log = logging.getLogger(__name__)
 
 
@@ -95,7 +97,7 @@ class QueryWorker:
         self.matcher, self.names, self.bootstrap = matcher, names, bootstrap
         self.replay_seconds = matcher.replay_seconds(longest_moment)
         self.processor = None
-        self.partition_of: dict[str, tuple[str, int]] = {}
+        self.streams = StreamPartitions()
 
     def sync_queries(self, consumer, to_end: bool = False) -> list:
         """Apply new records of the queries topic; ``to_end`` reads up to its current end first (at start-up).
@@ -158,16 +160,14 @@ class QueryWorker:
             newest: dict[str, int] = {}
             for moment in archive:
                 newest[moment.stream_id] = max(newest.get(moment.stream_id, 0), moment.end)
-                self.partition_of[moment.stream_id] = (tp.topic, tp.partition)
+                self.streams.note(moment.stream_id, tp.topic, tp.partition)
             # the window is in media seconds of each stream: record time stalls when an upstream worker restarts
             self.matcher.process([m for m in archive if m.end > newest[m.stream_id] - self.replay_seconds], emit=False)
 
     def forget(self, partitions) -> None:
         """Partitions left: their streams' merger state goes with them (the archive keeps what it has)."""
-        for stream_id, tp in list(self.partition_of.items()):
-            if tp in partitions:
-                self.matcher.merger.drop(stream_id)
-                del self.partition_of[stream_id]
+        for stream_id in self.streams.take(partitions):
+            self.matcher.merger.drop(stream_id)
 
     def transform(self, batch):
         from pipeline.bus.records import MomentCode
@@ -177,7 +177,7 @@ class QueryWorker:
         started = time.perf_counter()
         decoded, out = decode_batch(batch, MomentCode, self.names.errors)
         for record, moment in decoded:
-            self.partition_of[moment.stream_id] = (record.topic, record.partition)
+            self.streams.note(moment.stream_id, record.topic, record.partition)
         events, errors = self.matcher.process([moment for _, moment in decoded])
         out += [error_outgoing(self.names.errors, e) for e in errors]
         out += [outgoing(self.names.matches, e) for e in events]
