@@ -60,6 +60,14 @@ def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: N
         processor.close()
 
 
+def use_threads(threads: int) -> None:
+    """Apply the torch-threads setting (0 leaves torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def load_model(checkpoint: str, device):
     """The CMHN of a checkpoint on ``device`` in eval mode, and a short id naming its code space."""
     from pipeline.model import load_checkpoint

@@ -15,13 +15,13 @@ import time
 
 from pipeline.settings import add_settings
 
-from workers.common import StreamPartitions
+from workers.common import StreamPartitions, use_threads
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_settings(parser, "checkpoint", "device", "bootstrap-servers", "topic-prefix", "metrics-port")
+    add_settings(parser, "checkpoint", "device", "torch-threads", "bootstrap-servers", "topic-prefix", "metrics-port")
     parser.add_argument("--group", default=None,
                         help="consumer group of the encoder workers [default: <topic-prefix>-encoder]")
     parser.add_argument("--instance", default=socket.gethostname(),
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from workers import metrics
     from workers.common import load_model, run_exactly_once, stop_on_signals
 
+    use_threads(args.torch_threads)
     if not args.checkpoint:
         raise SystemExit("vmh encoder: --checkpoint (VMH_CHECKPOINT) is required: train one with `vmh train` or `vmh demo`")
     device = pick_device(args.device)

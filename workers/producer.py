@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realtime", action="store_true", help="pace files as if they were live")
     parser.add_argument("--loop", action="store_true", help="repeat files forever")
     parser.add_argument("--batch-frames", type=int, default=64, help="most frames per CNN batch, across streams")
-    add_settings(parser, "sample-rate", "frame-size", "backbone", "backbone-weights", "device", "open-timeout",
-                 "stall-timeout", "bootstrap-servers", "topic-prefix", "metrics-port")
+    add_settings(parser, "sample-rate", "frame-size", "backbone", "backbone-weights", "device", "torch-threads",
+                 "open-timeout", "stall-timeout", "bootstrap-servers", "topic-prefix", "metrics-port")
 
 
 def stream_spec(spec: str) -> tuple[str, str]:
@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.video.multi import MultiSource
     from pipeline.video.source import SourceOptions, VideoSource
     from workers import metrics
-    from workers.common import error_outgoing, outgoing, stop_on_signals
+    from workers.common import error_outgoing, outgoing, stop_on_signals, use_threads
 
+    use_threads(args.torch_threads)
     specs = [stream_spec(s) for s in args.sources]
     if len({i for i, _ in specs}) != len(specs):
         raise SystemExit(f"vmh producer: stream ids repeat: {[i for i, _ in specs]}; name them as ID=SOURCE")
