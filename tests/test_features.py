@@ -229,3 +229,20 @@ def test_video_features_are_the_live_path_pooled(encoder: FrameEncoder, clip: Pa
     # seconds 0 and 3 show the same colour, second 1 another one
     cosine = features.astype(np.float32) @ features.astype(np.float32).T
     assert COLOURS[0].tolist() == COLOURS[3 % 3].tolist() and cosine[0, 3] > cosine[0, 1]
+
+
+def test_pooler_emits_a_full_second_without_waiting_for_the_next():
+    from pipeline.features.pooling import SecondPooler
+    from pipeline.video.source import SampledFrame
+
+    def frame(t):
+        return SampledFrame("s", int(t), t, 100.0 + t, np.zeros((2, 2, 3), np.uint8))
+
+    eager, lazy = SecondPooler(frames_per_second=2), SecondPooler()
+    frames = [frame(0.0), frame(0.5)]
+    features = np.eye(2, dtype=np.float32)
+    assert [s.second for s in eager.add(frames, features)] == [0]
+    assert lazy.add(frames, features) == []
+    late = eager.add([frame(0.75), frame(1.0)], np.eye(2, dtype=np.float32))  # a straggler of second 0 is dropped
+    assert late == [] and [s.second for s in eager.flush("s")] == [1]
+    np.testing.assert_allclose(eager.add([frame(2.0), frame(2.5)], features)[0].vector, lazy.flush("s")[0].vector)

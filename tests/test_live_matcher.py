@@ -119,3 +119,17 @@ def test_search_by_text_over_a_time_range():
     assert [h.start for h in m.search("red ", since=15.0, top_k=1)] == [5]
     with pytest.raises(ValueError):
         m.search("   ")
+
+
+def test_a_complete_second_settles_at_once_however_it_is_batched():
+    """With the number of moments per second known, a cluster due at second 12 is published with second 12's
+    last moment, not when second 13 arrives; split or whole, the same events."""
+    def complete(second):
+        return 2
+
+    second_12 = [moment("s", 6, 12, list(b"red ")), moment("s", 11, 12, [0, 0, 0, 0])]
+    for batches in ([second_12], [[second_12[0]], [second_12[1]]]):
+        m = LiveMatcher(BITS, "m1", fake_encoder, settle=0, moments_per_second=complete, clock=lambda: 100.0)
+        m.apply_queries([("red", query("red", "red ", threshold=0))])
+        events = [events_of(m.process(batch)[0]) for batch in batches]
+        assert events[-1] == [("red", "s", 6, 12, 0)] and not any(events[:-1])

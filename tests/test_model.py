@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import narrow_cmhn
-from pipeline.model import PRESETS, build_cmhn, candidate_spans, cmhn_loss, smooth_sign, target_iou
+from pipeline.model import PRESETS, build_cmhn, candidate_spans, cmhn_loss, moments_ending_at, smooth_sign, target_iou
 from pipeline.model.tcn import TemporalConvNet
 
 pytestmark = pytest.mark.usefixtures("one_thread_seeded")
@@ -169,3 +169,11 @@ def test_presets_follow_the_reference() -> None:
     assert tacos.kernel_sizes[-1] == 23 and tacos.strides[-1] == 2 and set(tacos.strides[:-1]) == {1}
     big = dict(zip(activitynet.kernel_sizes, activitynet.strides))
     assert [big[k] for k in (19, 23, 50, 211)] == [1, 2, 4, 21]
+
+
+@pytest.mark.parametrize("preset", ["lite", "tacos", "activitynet"])
+def test_moments_ending_at_counts_the_candidate_mapping(preset: str) -> None:
+    config = PRESETS[preset]
+    spans = candidate_spans(300, config.kernel_sizes, config.strides)
+    ends = np.bincount(spans[:, 1], minlength=301)
+    assert [moments_ending_at(x, config.kernel_sizes, config.strides) for x in range(301)] == ends.tolist()

@@ -17,7 +17,7 @@ from pipeline.bus.records import FrameFeatures, MatchEvent, MomentCode
 from pipeline.bus.topics import create_topics, topics
 from pipeline.codes.live import LiveCoder
 from pipeline.matching.live import LiveMatcher
-from pipeline.model import StreamingEncoder, load_checkpoint
+from pipeline.model import StreamingEncoder, get_preset, load_checkpoint, moments_ending_at
 
 pytestmark = pytest.mark.integration
 SECONDS = 45  # longer than the lite receptive field (27 s), so a restart must rebuild state from the log
@@ -104,7 +104,9 @@ def test_query_worker_killed_mid_stream(kafka_bootstrap, stream):
     client = Client(kafka_bootstrap, prefix)
     for i, code in enumerate(codes):
         client.add_query(code=code, query_id=f"q{i}", threshold=6)
-    reference = LiveMatcher(moments[0].bits, moments[0].model, encode_text=None)
+    config = get_preset("lite")
+    reference = LiveMatcher(moments[0].bits, moments[0].model, encode_text=None, moments_per_second=lambda second:
+                            moments_ending_at(second, config.kernel_sizes, config.strides))
     reference.apply_queries([(q.query_id, q) for q in client.queries().values()])
     expected, _ = reference.process(moments)
     assert len(expected) >= len(codes)

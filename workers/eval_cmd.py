@@ -14,7 +14,7 @@ RANDOM_DRAWS = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_settings(parser, "checkpoint", "device", "cache-dir")
+    add_settings(parser, "checkpoint", "device", "torch-threads", "cache-dir")
     parser.add_argument("--dataset", required=True, help="annotations to evaluate on as KIND:PATH, e.g. activitynet:DIR/test.json")
     parser.add_argument("--features", required=True, help="features directory written by `vmh extract`")
     parser.add_argument("--nms", type=float, default=0.5, help="threshold of the fixed-NMS protocol [%(default)s]")
@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.training.evaluate import build_samples, evaluate, time_queries
     from pipeline.training.extract import FeatureError, FeatureSet
 
-    torch.set_num_threads(2)
+    # one video, one query at a time: ops too small to gain from threads
+    torch.set_num_threads(args.torch_threads or 1)
     try:
         if not args.checkpoint:
             raise ValueError("no checkpoint given (--checkpoint or VMH_CHECKPOINT)")

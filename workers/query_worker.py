@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.device import pick_device
     from pipeline.features.sentence import SentenceEncoder
     from pipeline.matching.live import LiveMatcher, text_encoder
+    from pipeline.model import moments_ending_at
     from workers import metrics
     from workers.common import error_outgoing, load_model, run_exactly_once, stop_on_signals
 
@@ -53,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise SystemExit("vmh query-worker: --checkpoint (VMH_CHECKPOINT) is required")
     model, config, model_id = load_model(args.checkpoint, pick_device(args.device))
+    kernels, strides = model.config.kernel_sizes, model.config.strides
     matcher = LiveMatcher(model.config.bits, model_id, text_encoder(model, SentenceEncoder()), settle=args.settle,
+                          moments_per_second=lambda second: moments_ending_at(second, kernels, strides),
                           archive_size=args.archive_size, archive_age=args.archive_hours * 3600)
     bootstrap = bootstrap_servers(args.bootstrap_servers)
     names = topics(args.topic_prefix)

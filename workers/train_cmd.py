@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", default=None, help="validation annotations as KIND:PATH [default: val.json beside a train.json]")
     parser.add_argument("--features", required=True, help="features directory written by `vmh extract`")
     parser.add_argument("--out", required=True, help="checkpoint directory to write (the best validation epoch)")
-    add_settings(parser, "preset", "device", "cache-dir")
+    add_settings(parser, "preset", "device", "torch-threads", "cache-dir")
     parser.add_argument("--bits", type=int, default=None, help="code length in bits [default: the preset's]")
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--causal", dest="causal", action="store_true", default=True, help="causal TCN, for live streams [default]")
@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.training.extract import FeatureError, FeatureSet
     from pipeline.training.train import TrainError, TrainOptions, train
 
-    torch.set_num_threads(2)
+    # one video a step: ops too small to split (2 threads made lite 5x slower here)
+    torch.set_num_threads(args.torch_threads or 1)
     try:
         val_spec = args.val or default_val_spec(args.dataset)
         (kind, path), (val_kind, val_path) = parse_dataset_spec(args.dataset), parse_dataset_spec(val_spec)

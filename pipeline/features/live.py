@@ -35,7 +35,8 @@ class LiveFeaturizer:
 
     def __init__(self, encoder: FrameEncoder, clock: Callable[[], float] = time.time) -> None:
         self.encoder = encoder
-        self.pooler = SecondPooler()
+        rate = encoder.sample_rate
+        self.pooler = SecondPooler(int(rate) if float(rate).is_integer() else None)
         self.clock = clock
         self._next_t: dict[str, int] = {}
 

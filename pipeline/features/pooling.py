@@ -38,8 +38,12 @@ class _Partial:
 class SecondPooler:
     """Accumulates frame features of many streams; ``add`` and ``flush`` return the seconds completed."""
 
-    def __init__(self) -> None:
+    def __init__(self, frames_per_second: int | None = None) -> None:
+        """With ``frames_per_second`` (the sampler's rate, when whole) a second is emitted as soon as it holds that
+        many frames, instead of when the next second's first frame arrives: 1 / rate sooner on a live stream."""
+        self.frames_per_second = frames_per_second
         self._open: dict[str, _Partial] = {}
+        self._emitted: dict[str, int] = {}  # last second emitted early, per stream
 
     def add(self, frames: Sequence[SampledFrame], features: Any) -> list[PooledSecond]:
         """Add a batch of frames (any streams, each stream in media-time order) and their features [N, V]."""
@@ -63,23 +67,31 @@ class SecondPooler:
         done: list[tuple[str, _Partial]] = []
         for g, (stream, second) in enumerate(groups.tolist()):
             name = names[stream]
+            if second <= self._emitted.get(name, -1):
+                continue  # a straggler of a second already complete
             partial = self._open.get(name)
             if partial is not None and partial.second == second:
                 partial.total += totals[g]
                 partial.frames += int(counts[g])
                 partial.capture_time = max(partial.capture_time, float(capture[g]))
                 partial.gap += float(gaps[g])
-                continue
-            if partial is not None and partial.second > second:
-                raise ValueError(f"stream {name}: frame of second {second} arrived after second {partial.second}")
-            if partial is not None:
-                done.append((name, partial))
-            self._open[name] = _Partial(second, totals[g], int(counts[g]), float(capture[g]), float(gaps[g]))
+            else:
+                if partial is not None and partial.second > second:
+                    raise ValueError(f"stream {name}: frame of second {second} arrived after second {partial.second}")
+                if partial is not None:
+                    done.append((name, partial))
+                partial = self._open[name] = _Partial(second, totals[g], int(counts[g]), float(capture[g]),
+                                                      float(gaps[g]))
+            if self.frames_per_second and partial.frames >= self.frames_per_second:
+                done.append((name, self._open.pop(name)))
+                self._emitted[name] = second
         return _finish(done)
 
     def flush(self, stream_id: str | None = None) -> list[PooledSecond]:
         """End of a stream (or of all streams): emit what is still open."""
         names = list(self._open) if stream_id is None else [stream_id] if stream_id in self._open else []
+        for name in [stream_id] if stream_id is not None else list(self._emitted):
+            self._emitted.pop(name, None)
         return _finish([(name, self._open.pop(name)) for name in names])
 
 

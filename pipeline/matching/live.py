@@ -8,7 +8,7 @@ into one event, and keeps the recent moments for retrospective search.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -47,6 +47,7 @@ class LiveMatcher:
         encode_text: TextEncoder,
         *,
         settle: int = 3,
+        moments_per_second: Callable[[int], int] | None = None,
         archive_size: int = 1_000_000,
         archive_age: float | None = 24 * 3600.0,
         clock: Callable[[], float] = time.time,
@@ -55,6 +56,8 @@ class LiveMatcher:
         self.queries = StandingQueries(bits, model)
         self.merger = HitMerger(settle=settle)
         self.archive = MomentArchive(bits, archive_size, archive_age)
+        self.moments_per_second = moments_per_second
+        self._second: dict[str, list[int]] = {}  # stream -> [latest second, its moments seen so far]
 
     def apply_queries(self, changes: Sequence[tuple[str, StandingQuery | None]]) -> list[ErrorRecord]:
         """Apply (query id, query or None for a tombstone) changes in log order; text-only queries get their code
@@ -87,12 +90,19 @@ class LiveMatcher:
         hits: dict[tuple[str, int], list[Hit]] = defaultdict(list)
         for hit in self.queries.match(moments):
             hits[hit.stream_id, hit.end].append(hit)
+        counts = Counter((m.stream_id, m.end) for m in moments)
         settled = []
-        for stream, end in sorted({(m.stream_id, m.end) for m in moments}):
-            # clusters due before second `end` settle before its hits are placed, so the events do not depend on
-            # how the moments of one second were split across batches
+        for (stream, end), count in sorted(counts.items()):
+            # a second's clusters settle once all of its moments are placed: when its last expected moment arrives,
+            # or else when a later second does; so the events do not depend on how moments were batched
             settled += self.merger.update(stream, end - 1)
             settled += self.merger.update(stream, end - 1, hits.get((stream, end), ()))
+            latest = self._second.setdefault(stream, [end, 0])
+            if latest[0] != end:
+                latest[:] = [end, 0]
+            latest[1] += count
+            if self.moments_per_second is not None and latest[1] >= self.moments_per_second(end):
+                settled += self.merger.update(stream, end)
         if not emit:
             return [], []
         now = self.clock()

@@ -1,7 +1,7 @@
 """CMHN: the model, its loss, exact streaming inference and checkpoints."""
 
 from pipeline.model.checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
-from pipeline.model.cmhn import CMHN, PRESETS, QEN, VEN, CMHNConfig, build_cmhn, candidate_spans, get_preset
+from pipeline.model.cmhn import CMHN, PRESETS, QEN, VEN, CMHNConfig, build_cmhn, candidate_spans, get_preset, moments_ending_at
 from pipeline.model.loss import cmhn_loss, smooth_sign, target_iou
 from pipeline.model.streaming import Moment, StreamingEncoder, StreamStateError
 from pipeline.model.tcn import TemporalBlock, TemporalConvNet
@@ -24,6 +24,7 @@ __all__ = [
     "cmhn_loss",
     "get_preset",
     "load_checkpoint",
+    "moments_ending_at",
     "save_checkpoint",
     "smooth_sign",
     "target_iou",

@@ -83,6 +83,13 @@ def candidate_spans(num_seconds: int, kernel_sizes: tuple[int, ...], strides: tu
     return np.concatenate(spans)
 
 
+def moments_ending_at(second: int, kernel_sizes: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    """How many candidates end at ``second`` (become final when it arrives): one per head with k <= second and
+    (second - k) % s == 0."""
+    k, s = np.asarray(kernel_sizes), np.asarray(strides)
+    return int(np.count_nonzero((k <= second) & ((second - k) % s == 0)))
+
+
 class VEN(nn.Module):
     """Video encoder: per-second features [T, V] -> pre-sign codes of all candidate moments [N, B]."""
 
