@@ -216,6 +216,7 @@ class ExactlyOnceProcessor:
                 bootstrap_servers=servers, group_id=group_id, isolation_level="read_committed",
                 enable_auto_commit=False, max_poll_records=max_poll_records, allow_auto_create_topics=False,
                 **{"auto_offset_reset": "earliest", "partition_assignment_strategy": [CooperativeStickyAssignor],
+                   "fetch_max_wait_ms": 100,  # live input: an empty fetch comes back within 0.1 s
                    "group_instance_id": transactional_id, **(consumer_config or {})},
             )
         except BaseException:

@@ -81,10 +81,12 @@ def _run_streams(n: int, video: str, env: dict, params: Params, prefix: str, tmp
     import psutil
 
     from pipeline.bus.kafka import read_committed_consumer
-    from pipeline.bus.records import MatchEvent, decode
+    from pipeline.bus.records import MatchEvent, MomentCode, decode
     from pipeline.bus.topics import topics
 
-    matches = read_committed_consumer([topics(prefix).matches], from_beginning=False, bootstrap=env["VMH_BOOTSTRAP_SERVERS"])
+    names = topics(prefix)
+    matches = read_committed_consumer([names.matches, names.moments], from_beginning=False,
+                                      bootstrap=env["VMH_BOOTSTRAP_SERVERS"])
     for tp in matches.assignment():
         matches.position(tp)
     ids = [f"n{n}-{i}" for i in range(n)]
@@ -93,11 +95,16 @@ def _run_streams(n: int, video: str, env: dict, params: Params, prefix: str, tmp
     for p in processes:
         p.cpu_percent()
     started = time.time()
-    latencies, rss = [], []
+    latencies, to_moment, rss = [], [], []
     try:
         while time.time() - started < params.seconds:
-            for batch in matches.poll(timeout_ms=500).values():
+            for tp, batch in matches.poll(timeout_ms=500).items():
                 for record in batch:
+                    if tp.topic == names.moments:
+                        moment = decode(record.value, MomentCode)
+                        if moment.stream_id in ids and moment.capture_time >= started + params.steady_after:
+                            to_moment.append(moment.emitted_time - moment.capture_time)
+                        continue
                     event = decode(record.value, MatchEvent)
                     if event.stream_id in ids and event.capture_time >= started + params.steady_after:
                         latencies.append(event.match_time - event.capture_time)
@@ -110,7 +117,8 @@ def _run_streams(n: int, video: str, env: dict, params: Params, prefix: str, tmp
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("inf")
     return {"streams": n, "events": len(latencies), "p50_s": statistics.median(latencies) if latencies else None,
-            "p99_s": p99, "cpu_cores_per_stream": cpu / n, "rss_mb_per_stream": statistics.median(rss) / n / 2**20}
+            "p99_s": p99, "capture_to_moment_p50_s": statistics.median(to_moment) if to_moment else None,
+            "cpu_cores_per_stream": cpu / n, "rss_mb_per_stream": statistics.median(rss) / n / 2**20}
 
 
 def measure(params: Params) -> dict:
