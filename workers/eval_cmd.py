@@ -15,7 +15,7 @@ RANDOM_DRAWS = 10
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "checkpoint", "device", "torch-threads", "cache-dir")
-    parser.add_argument("--dataset", required=True, help="annotations to evaluate on as KIND:PATH, e.g. activitynet:DIR/test.json")
+    parser.add_argument("--dataset", required=True, help="annotations as KIND:PATH, e.g. activitynet:DIR/test.json")
     parser.add_argument("--features", required=True, help="features directory written by `vmh extract`")
     parser.add_argument("--nms", type=float, default=0.5, help="threshold of the fixed-NMS protocol [%(default)s]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-ranking baseline")

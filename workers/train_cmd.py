@@ -10,19 +10,19 @@ from pipeline.settings import add_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="training annotations as KIND:PATH, e.g. activitynet:DIR/train.json")
-    parser.add_argument("--val", default=None, help="validation annotations as KIND:PATH [default: val.json beside a train.json]")
+    parser.add_argument("--dataset", required=True, help="annotations as KIND:PATH, e.g. activitynet:DIR/train.json")
+    parser.add_argument("--val", help="validation annotations as KIND:PATH [default: val.json beside a train.json]")
     parser.add_argument("--features", required=True, help="features directory written by `vmh extract`")
     parser.add_argument("--out", required=True, help="checkpoint directory to write (the best validation epoch)")
     add_settings(parser, "preset", "device", "torch-threads", "cache-dir")
     parser.add_argument("--bits", type=int, default=None, help="code length in bits [default: the preset's]")
     form = parser.add_mutually_exclusive_group()
-    form.add_argument("--causal", dest="causal", action="store_true", default=True, help="causal TCN, for live streams [default]")
+    form.add_argument("--causal", action="store_true", default=True, help="causal TCN, as served live [default]")
     form.add_argument("--bidirectional", dest="causal", action="store_false", help="the published TCN that looks ahead")
     parser.add_argument("--epochs", type=int, default=None, help="epochs [default: the preset's]")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate [default: the preset's]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the video order and RReLU/dropout")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted run at --out from its training state")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the video order, RReLU and dropout")
+    parser.add_argument("--resume", action="store_true", help="continue the run at --out from its training state")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if result.epochs_run == 0:
         print(f"{args.out}: the run was already complete")
-    print(f"best validation R@1,IoU=0.5 {result.best_score:.3f} at epoch {result.best_epoch}; checkpoint {result.checkpoint}")
+    print(f"best validation R@1,IoU=0.5 {result.best_score:.3f} at epoch {result.best_epoch}: {result.checkpoint}")
     return 0
 
 

@@ -69,7 +69,8 @@ class FeatureSet:
 
     def save(self) -> None:
         """Write the manifest atomically."""
-        text = json.dumps({"format": FORMAT, "version": VERSION, "extractor": self.extractor, "videos": self.videos}, indent=1)
+        manifest = {"format": FORMAT, "version": VERSION, "extractor": self.extractor, "videos": self.videos}
+        text = json.dumps(manifest, indent=1)
         temporary = self.root / (MANIFEST + ".tmp")
         temporary.write_text(text)
         os.replace(temporary, self.root / MANIFEST)

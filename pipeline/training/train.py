@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.model import CMHN, build_cmhn, candidate_spans, cmhn_loss, get_preset, save_checkpoint, smooth_sign
-from pipeline.model import target_iou
+from pipeline.model import (CMHN, build_cmhn, candidate_spans, cmhn_loss, get_preset, save_checkpoint, smooth_sign,
+                            target_iou)
 from pipeline.training.evaluate import Sample, hashed_recall
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ def train(
                 loss.backward()
                 optimizer.step()
                 total += loss.item()
-                bar.set_postfix(epoch=f"{epoch}/{options.epochs}", loss=f"{total / step:.4g}", best=f"{best_score:.3f}")
+                bar.set_postfix(_postfix(epoch, options.epochs, total / step, best_score))
                 bar.update()
             score = hashed_recall(model, val_samples)
             history.append({"epoch": epoch, "loss": total / steps, "val": score})
@@ -122,9 +121,14 @@ def train(
                 best_epoch, best_score = epoch, score
                 save_checkpoint(out, model, extractor, sentence_encoder,
                                 extra | {"best_epoch": epoch, f"val {VALIDATION_METRIC}": score})  # fmt: skip
-            bar.set_postfix(epoch=f"{epoch}/{options.epochs}", loss=f"{total / steps:.4g}", best=f"{best_score:.3f}")
+            bar.set_postfix(_postfix(epoch, options.epochs, total / steps, best_score))
             _save_state(state_path(out), run, epoch, model, optimizer, best_epoch, best_score, history)
     return TrainResult(out, best_epoch, best_score, max(options.epochs - start, 0), history)
+
+
+def _postfix(epoch: int, epochs: int, loss: float, best: float) -> dict[str, str]:
+    """Progress bar fields: the epoch, the epoch's running mean loss, the best validation R@1 so far."""
+    return {"epoch": f"{epoch}/{epochs}", "loss": f"{loss:.4g}", "val R@1": f"{best:.3f}" if best >= 0 else "-"}
 
 
 def _model(options: TrainOptions, sample: Sample, device: torch.device) -> CMHN:
