@@ -62,7 +62,7 @@ PRESETS: dict[str, CMHNConfig] = {
         preset="lite", bits=128, channels=(256, 256), kernel=3,
         kernel_sizes=(1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16),
         strides=(1,) * 10 + (2, 2),
-        dropout=0.1, lr=1e-3, epochs=30,
+        dropout=0.1, lr=3e-4, epochs=30,
     ),
 }  # fmt: skip
 
