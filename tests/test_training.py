@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,19 @@ def test_default_validation_split() -> None:
     assert default_val_spec("activitynet:/d/train.json") == "activitynet:/d/val.json"
     with pytest.raises(ValueError, match="--val is required"):
         default_val_spec("activitynet:/d/train_1.json")
+
+
+def test_samples_need_features_that_fit_the_annotations(data: Path) -> None:
+    features = FeatureSet.open(data / "features")
+    video = load_activitynet(data / "test.json")[0]
+    cpu = torch.device("cpu")
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.zeros((len(texts), 384), np.float32)
+
+    (sample,) = build_samples([video], features, encode, cpu)
+    assert sample.video.shape == (features.videos[video.video_id], 1280) and sample.video.dtype == torch.float32
+    with pytest.raises(FeatureError, match="cover .* s but the annotation says 60 s"):
+        build_samples([replace(video, duration=60.0)], features, encode, cpu)
+    with pytest.raises(FeatureError, match="no features for 1 annotated videos"):
+        build_samples([replace(video, video_id="elsewhere")], features, encode, cpu)
