@@ -62,14 +62,18 @@ def wait_until_consuming(bootstrap: str, groups: list[str], timeout: float = 120
     """Block until every consumer group is stable with members, i.e. the workers have loaded their models and
     joined; live streams pushed before that would queue up and show the start-up time as latency."""
     from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            described = admin.describe_groups(groups)
-            if all(g["group_state"] == "Stable" and g["members"] for g in described.values()):
-                return
+            try:
+                described = admin.describe_groups(groups)
+                if all(g["group_state"] == "Stable" and g["members"] for g in described.values()):
+                    return
+            except KafkaError:  # e.g. no group coordinator yet on a broker that has never hosted a group
+                pass
             time.sleep(0.5)
         raise TimeoutError(f"workers did not join consumer groups {groups} within {timeout:.0f} s")
     finally:
