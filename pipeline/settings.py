@@ -52,8 +52,8 @@ _DECLARED = [
     # workers
     Setting("metrics-port", 0, "port for the Prometheus metrics endpoint; 0 disables it", int),
     Setting("device", "auto", "torch device: auto (CUDA when present), cpu or cuda"),
-    Setting("torch-threads", 0, "torch intra-op CPU threads; 0 lets each command choose (torch's default in the "
-            "workers, 1 for train and eval, 2 for extract)", int),
+    Setting("torch-threads", 0, "torch intra-op CPU threads; 0 lets each command choose (1 in the workers, train and "
+            "eval, 2 for extract)", int),
     # video in and features
     Setting("sample-rate", 4.0, "frames sampled per second of video", float),
     Setting("backbone", "mobilenet_v2", "torchvision classification model used as frame CNN"),

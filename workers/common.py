@@ -61,11 +61,12 @@ def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: N
 
 
 def use_threads(threads: int) -> None:
-    """Apply the torch-threads setting (0 leaves torch's default)."""
-    if threads:
-        import torch
+    """Apply the torch-threads setting; 0 means one thread per worker process. Idle OpenMP threads spin for a while
+    after each op, so several workers with a thread per core each starve one another (the e2e benchmark: 1 stream
+    within the latency bound with torch's default, all 8 tried with one thread); scale out with more worker processes."""
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or 1)
 
 
 def load_model(checkpoint: str, device):
