@@ -33,8 +33,9 @@ def frame_features(draw):
     dim = draw(st.integers(1, 64))
     raw = draw(st.binary(min_size=2 * dim, max_size=2 * dim))  # any float16 bit pattern, NaN included
     gap = draw(st.booleans())
+    tags = st.text(max_size=12).filter(r._encodable)
     return FrameFeatures(draw(keys), draw(seconds), draw(times), draw(times), np.frombuffer(raw, np.float16).copy(),
-                         gap, draw(times) if gap else 0.0)
+                         gap, draw(times) if gap else 0.0, draw(tags), draw(tags), draw(st.booleans()))
 
 
 @st.composite
@@ -42,7 +43,8 @@ def moment_codes(draw):
     start = draw(seconds)
     code = draw(codes())
     return MomentCode(draw(keys), start, start + draw(st.integers(1, 300)), code, 8 * code.size, draw(times),
-                      draw(times), draw(st.text(max_size=20).filter(r._encodable)))
+                      draw(times), draw(st.text(max_size=20).filter(r._encodable)),
+                      draw(st.text(max_size=12).filter(r._encodable)), draw(st.booleans()))
 
 
 @st.composite
@@ -92,7 +94,7 @@ def test_feature_record_layout_is_header_plus_float16_bytes():
 def test_moment_record_layout_is_header_plus_code_bytes():
     code = np.arange(16, dtype=np.uint8)
     data = encode(MomentCode("cam-01", 3, 10, code, 128, 1.7e9, 1.7e9 + 0.2, "cmhn-lite@3"))
-    assert len(data) == r.PREFIX.size + 6 + r.MOMENT_FIELDS.size + len("cmhn-lite@3") + 16
+    assert len(data) == r.PREFIX.size + 6 + r.MOMENT_FIELDS.size + len("cmhn-lite@3") + 16  # no session
     assert data[-16:] == code.tobytes()
 
 
@@ -118,6 +120,30 @@ def test_expected_type_is_enforced():
     data = encode(MatchEvent("q1", "cam", 0, 1, 0, 64, 0.0, 0.0))
     with pytest.raises(MalformedRecord, match="expected a MomentCode"):
         decode(data, expected=MomentCode)
+
+
+def test_sessions_extractors_and_last_seconds_travel():
+    features = decode(encode(FrameFeatures("cam", 9, 9.0, 1.0, np.ones(4), session="s1", extractor="x-1", last=True)))
+    assert (features.session, features.extractor, features.last) == ("s1", "x-1", True)
+    moment = decode(encode(MomentCode("cam", 3, 9, np.zeros(8, np.uint8), 64, 1.0, 2.0, "m", "s1", last=True)))
+    assert (moment.session, moment.last) == ("s1", True)
+    with pytest.raises(InvalidRecord, match="session"):
+        FrameFeatures("cam", 0, 0.0, 0.0, np.ones(2), session="s" * (r.MAX_TAG_BYTES + 1))
+
+
+def test_key_text_names_any_key():
+    assert r.key_text("é".encode() * 200, "x") == "é" * (r.MAX_KEY_BYTES // 2)  # cut between characters
+    assert r.key_text(b"\xff" * 300, "x").encode().__len__() <= r.MAX_KEY_BYTES
+    assert r.key_text(None, "fallback") == "fallback"
+    ErrorRecord(r.key_text("漢".encode() * 100, "x"), r.MALFORMED_RECORD, "m", 0.0)  # a valid source
+
+
+def test_extractor_id_digests_the_whole_identity():
+    identity = {"backbone": "mobilenet_v2", "frame_size": 112, "sample_rate": 2.0, "weights_sha256": "ab"}
+    assert r.extractor_id(identity).startswith("mobilenet_v2-112px-2.0fps-")
+    assert r.extractor_id(identity) == r.extractor_id(dict(reversed(identity.items())))
+    assert r.extractor_id(identity) != r.extractor_id({**identity, "pooling": "max"})
+    assert len(r.extractor_id(identity).encode()) <= r.MAX_TAG_BYTES
 
 
 def test_a_reconnect_gap_is_visible():
@@ -210,8 +236,9 @@ def test_mutated_and_truncated_encodings(data, draw):
     (b"VMH", "truncated"),
     (b"XYZ\x01\x01", "not a VMH record"),
     (r.PREFIX.pack(r.MAGIC, 1, 99, 0, 0), "version 99"),
-    (r.PREFIX.pack(r.MAGIC, 7, r.VERSION, 0, 0), "unknown binary record type"),
-    (r.PREFIX.pack(r.MAGIC, 1, r.VERSION, 0, 2) + b"\xff\xfe", "not UTF-8"),
+    (r.PREFIX.pack(r.MAGIC, 7, r.BINARY_VERSION, 0, 0), "unknown binary record type"),
+    (r.PREFIX.pack(r.MAGIC, 1, r.BINARY_VERSION, 0, 2) + b"\xff\xfe", "not UTF-8"),
+    (r.PREFIX.pack(r.MAGIC, 2, r.BINARY_VERSION, 1, 0), "unknown flags"),
     (b'{"type":"match"', "JSON"),
     (b'{"type":"nope","v":1}', "unknown record type"),
     (b'{"type":"query","v":2}', "version 2"),

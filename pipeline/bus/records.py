@@ -14,6 +14,7 @@ record with invalid fields raises ``InvalidRecord`` (``InvalidQuery`` for a bad 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import struct
@@ -22,22 +23,26 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-VERSION = 1
+VERSION = 1  # of the JSON records
+BINARY_VERSION = 2  # of the features and moment records: 2 added the session, extractor and last-second fields
 MAGIC = b"VMH"
 MAX_KEY_BYTES = 256  # stream ids and query ids, in UTF-8
 MAX_MODEL_BYTES = 256
+MAX_TAG_BYTES = 64  # session and extractor ids, in UTF-8
 MAX_QUERY_CHARS = 1000
 MAX_CODE_BITS = 4096
 
 # magic, record type, version, flags, stream id length; then the stream id
 PREFIX = struct.Struct("<3sBBBH")
-# second index t, media time, capture time, gap seconds, feature dimension; then float16 [V]
-FEATURES_FIELDS = struct.Struct("<qdddI")
-# start, end, capture time, emitted time, bits, model id length; then the model id, then uint8 [bits / 8]
-MOMENT_FIELDS = struct.Struct("<qqddHH")
+# second index t, media time, capture time, gap seconds, feature dimension, session and extractor id lengths;
+# then the session id, the extractor id, float16 [V]
+FEATURES_FIELDS = struct.Struct("<qdddIBB")
+# start, end, capture time, emitted time, bits, model id and session id lengths; then the model id, the session id,
+# uint8 [bits / 8]
+MOMENT_FIELDS = struct.Struct("<qqddHHB")
 
 _FEATURES_TYPE, _MOMENT_TYPE = 1, 2
-_GAP_FLAG = 1
+_GAP_FLAG, _LAST_FLAG = 1, 2  # features: both; moments: only _LAST_FLAG
 _FLOAT16 = np.dtype("<f2")
 
 # error kinds the pipeline itself reports; workers may report others
@@ -80,6 +85,8 @@ class FrameFeatures(_Record):
     """One second of one stream: the pooled frame-CNN feature vector of media second ``t``.
 
     ``gap`` marks the first second after a reconnect, and ``gap_seconds`` how much media time was lost before it.
+    ``session`` names the producer session that numbers the seconds (t restarts at 0 in a new one), ``extractor``
+    the frame path that made the vector (``extractor_id``), and ``last`` marks the stream's final second.
     """
 
     KIND: ClassVar[str] = "features"
@@ -90,14 +97,17 @@ class FrameFeatures(_Record):
     features: np.ndarray
     gap: bool = False
     gap_seconds: float = 0.0
+    session: str = ""
+    extractor: str = ""
+    last: bool = False
 
     def __post_init__(self) -> None:
         _check_key("stream_id", self.stream_id)
         _check_int(self, "t", low=0)
         _check_times(self, "media_time", "capture_time", "gap_seconds")
-        if not isinstance(self.gap, (bool, np.bool_)):
-            raise InvalidRecord(f"gap must be a bool, got {self.gap!r}")
-        object.__setattr__(self, "gap", bool(self.gap))
+        _check_text("session", self.session, MAX_TAG_BYTES)
+        _check_text("extractor", self.extractor, MAX_TAG_BYTES)
+        _check_bools(self, "gap", "last")
         if self.gap_seconds < 0 or (self.gap_seconds > 0 and not self.gap):
             raise InvalidRecord(f"gap_seconds {self.gap_seconds} needs gap=True and must be >= 0")
         array = np.asarray(self.features)
@@ -112,7 +122,8 @@ class MomentCode(_Record):
     """A candidate moment [start, end) seconds of a stream with its packed B-bit hash code.
 
     ``capture_time`` is the wall-clock capture time of the moment's last second, so consumers can measure the
-    end-to-end latency; ``model`` names the model (and version) whose code space the code lives in.
+    end-to-end latency; ``model`` names the model (and version) whose code space the code lives in. ``session`` is
+    the producer session of the stream's seconds; ``last`` marks the final moment of a stream that ended.
     """
 
     KIND: ClassVar[str] = "moment"
@@ -124,6 +135,8 @@ class MomentCode(_Record):
     capture_time: float
     emitted_time: float
     model: str = ""
+    session: str = ""
+    last: bool = False
 
     def __post_init__(self) -> None:
         _check_key("stream_id", self.stream_id)
@@ -131,6 +144,8 @@ class MomentCode(_Record):
         _check_int(self, "end", low=self.start + 1)
         _check_times(self, "capture_time", "emitted_time")
         _check_text("model", self.model, MAX_MODEL_BYTES)
+        _check_text("session", self.session, MAX_TAG_BYTES)
+        _check_bools(self, "last")
         _check_code(self, InvalidRecord)
 
 
@@ -242,17 +257,18 @@ _JSON_TYPES: dict[str, type] = {cls.KIND: cls for cls in (StandingQuery, MatchEv
 def encode(record: Record) -> bytes:
     """The bytes of a record: binary for features and moments, UTF-8 JSON for the rest."""
     if isinstance(record, FrameFeatures):
-        sid = record.stream_id.encode()
-        head = PREFIX.pack(MAGIC, _FEATURES_TYPE, VERSION, _GAP_FLAG if record.gap else 0, len(sid))
+        sid, session, extractor = record.stream_id.encode(), record.session.encode(), record.extractor.encode()
+        flags = (_GAP_FLAG if record.gap else 0) | (_LAST_FLAG if record.last else 0)
+        head = PREFIX.pack(MAGIC, _FEATURES_TYPE, BINARY_VERSION, flags, len(sid))
         fields = FEATURES_FIELDS.pack(record.t, record.media_time, record.capture_time, record.gap_seconds,
-                                      record.features.size)
-        return b"".join((head, sid, fields, record.features.astype(_FLOAT16, copy=False).tobytes()))
+                                      record.features.size, len(session), len(extractor))
+        return b"".join((head, sid, fields, session, extractor, record.features.astype(_FLOAT16, copy=False).tobytes()))
     if isinstance(record, MomentCode):
-        sid, model = record.stream_id.encode(), record.model.encode()
-        head = PREFIX.pack(MAGIC, _MOMENT_TYPE, VERSION, 0, len(sid))
+        sid, model, session = record.stream_id.encode(), record.model.encode(), record.session.encode()
+        head = PREFIX.pack(MAGIC, _MOMENT_TYPE, BINARY_VERSION, _LAST_FLAG if record.last else 0, len(sid))
         fields = MOMENT_FIELDS.pack(record.start, record.end, record.capture_time, record.emitted_time, record.bits,
-                                    len(model))
-        return b"".join((head, sid, fields, model, record.code.tobytes()))
+                                    len(model), len(session))
+        return b"".join((head, sid, fields, model, session, record.code.tobytes()))
     if isinstance(record, (StandingQuery, MatchEvent, ErrorRecord)):
         obj: dict[str, Any] = {"type": record.KIND, "v": VERSION}
         obj.update((f.name, getattr(record, f.name)) for f in dataclasses.fields(record))
@@ -303,31 +319,41 @@ def record_key(record: Record) -> bytes:
 
 def _decode_binary(data: bytes) -> Record:
     magic, rtype, version, flags, sid_len = _unpack(PREFIX, data, 0, "header")
-    if version != VERSION:
-        raise MalformedRecord(f"binary record version {version} is not supported (this is version {VERSION})")
+    if version != BINARY_VERSION:
+        raise MalformedRecord(f"binary record version {version} is not supported (this is version {BINARY_VERSION})")
     offset = PREFIX.size
     stream_id = _text(data[offset:offset + sid_len], sid_len, "stream id")
     offset += sid_len
     if rtype == _FEATURES_TYPE:
-        if flags & ~_GAP_FLAG:
+        if flags & ~(_GAP_FLAG | _LAST_FLAG):
             raise MalformedRecord(f"unknown flags {flags:#x} in a features record")
-        t, media_time, capture_time, gap_seconds, dim = _unpack(FEATURES_FIELDS, data, offset, "features fields")
+        t, media_time, capture_time, gap_seconds, dim, session_len, extractor_len = _unpack(
+            FEATURES_FIELDS, data, offset, "features fields")
         offset += FEATURES_FIELDS.size
+        session = _text(data[offset:offset + session_len], session_len, "session id")
+        offset += session_len
+        extractor = _text(data[offset:offset + extractor_len], extractor_len, "extractor id")
+        offset += extractor_len
         _expect_length(data, offset + 2 * dim, "features")
         features = np.frombuffer(data, dtype=_FLOAT16, count=dim, offset=offset)
-        return FrameFeatures(stream_id, t, media_time, capture_time, features, bool(flags & _GAP_FLAG), gap_seconds)
+        return FrameFeatures(stream_id, t, media_time, capture_time, features, bool(flags & _GAP_FLAG), gap_seconds,
+                             session, extractor, bool(flags & _LAST_FLAG))
     if rtype == _MOMENT_TYPE:
-        if flags:
+        if flags & ~_LAST_FLAG:
             raise MalformedRecord(f"unknown flags {flags:#x} in a moment record")
-        start, end, capture_time, emitted_time, bits, model_len = _unpack(MOMENT_FIELDS, data, offset, "moment fields")
+        start, end, capture_time, emitted_time, bits, model_len, session_len = _unpack(
+            MOMENT_FIELDS, data, offset, "moment fields")
         offset += MOMENT_FIELDS.size
         model = _text(data[offset:offset + model_len], model_len, "model id")
         offset += model_len
+        session = _text(data[offset:offset + session_len], session_len, "session id")
+        offset += session_len
         if bits % 8:
             raise MalformedRecord(f"moment code of {bits} bits is not whole bytes")
         _expect_length(data, offset + bits // 8, "moment")
         code = np.frombuffer(data, dtype=np.uint8, count=bits // 8, offset=offset)
-        return MomentCode(stream_id, start, end, code, bits, capture_time, emitted_time, model)
+        return MomentCode(stream_id, start, end, code, bits, capture_time, emitted_time, model, session,
+                          bool(flags & _LAST_FLAG))
     raise MalformedRecord(f"unknown binary record type {rtype}")
 
 
@@ -400,6 +426,22 @@ def _text(raw: bytes, length: int, what: str) -> str:
         raise MalformedRecord(f"the {what} is not UTF-8: {raw[:40]!r}") from None
 
 
+def key_text(raw: bytes | None, fallback: str) -> str:
+    """A Kafka key as a record's source or id: UTF-8 (undecodable bytes replaced), cut to ``MAX_KEY_BYTES`` at a
+    character boundary, ``fallback`` when empty; so any key, however long or broken, can name an error record."""
+    text = raw.decode("utf-8", "replace") if raw else ""
+    text = text.encode()[:MAX_KEY_BYTES].decode("utf-8", "ignore")
+    return text or fallback
+
+
+def extractor_id(identity: dict[str, Any]) -> str:
+    """The id feature records carry for a frame extractor: readable backbone, frame size and rate, then a digest of
+    the whole identity (weights digest and any other field), so two extractors share an id only if identical."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    head = f"{identity.get('backbone', '?')}"[:24]
+    return f"{head}-{identity.get('frame_size', '?')}px-{identity.get('sample_rate', '?')}fps-{digest}"
+
+
 def _check_key(name: str, value: Any) -> None:
     _check_text(name, value, MAX_KEY_BYTES, empty=False)
 
@@ -427,6 +469,14 @@ def _check_int(record: Any, name: str, low: int, high: int = 2**63 - 1) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidRecord(f"{name} must be an integer in [{low}, {high}], got {value!r}")
     object.__setattr__(record, name, int(value))
+
+
+def _check_bools(record: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(record, name)
+        if not isinstance(value, (bool, np.bool_)):
+            raise InvalidRecord(f"{name} must be a bool, got {value!r}")
+        object.__setattr__(record, name, bool(value))
 
 
 def _check_times(record: Any, *names: str) -> None:
