@@ -1,11 +1,14 @@
 """The encoder worker's logic: records in log order -> exactly the moments of a full forward pass."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.bus.records import FrameFeatures
-from pipeline.codes.live import HISTORY_INCOMPLETE, OUT_OF_ORDER, LiveCoder
+from pipeline.codes.live import BAD_FEATURES, FOREIGN_EXTRACTOR, HISTORY_INCOMPLETE, OUT_OF_ORDER, LiveCoder
+from pipeline.partitions import Origin
 from pipeline.codes.packing import pack_signs
 from pipeline.model import StreamingEncoder, build_cmhn, candidate_spans
 
@@ -22,8 +25,8 @@ def _records(stream, features):
     return [FrameFeatures(stream, t, float(t), 1000.0 + t, f) for t, f in enumerate(features)]
 
 
-def _coder(model):
-    return LiveCoder(StreamingEncoder(model), bits=model.config.bits, model="test", clock=lambda: 5.0)
+def _coder(model, **kw):
+    return LiveCoder(StreamingEncoder(model), bits=model.config.bits, model="test", **{"clock": lambda: 5.0, **kw})
 
 
 def _expected(model, records):
@@ -69,7 +72,7 @@ def test_restore_from_history_continues_exactly(model):
     restarted = _coder(model)
     assert restarted.needs_history(records[50])
     window = records[50 - restarted.history_seconds : 50]
-    assert restarted.restore("s", window, next_second=50) == []
+    assert restarted.restore(records[50], window) == []
     second, errors = restarted.encode(records[50:])
     assert errors == []
     assert _by_span(first + second, "s") == _expected(model, records)
@@ -78,9 +81,9 @@ def test_restore_from_history_continues_exactly(model):
 def test_restore_with_missing_history_reports_it(model):
     records = _records("s", np.ones((60, DIM)))
     coder = _coder(model)
-    errors = coder.restore("s", records[45:50], next_second=50)
+    errors = coder.restore(records[50], records[45:50])
     assert [e.kind for e in errors] == [HISTORY_INCOMPLETE]
-    assert coder.encoder.next_second("s") == 50
+    assert coder.next_second("s") == 50
 
 
 def test_out_of_order_second_is_reported_and_skipped(model):
@@ -88,15 +91,89 @@ def test_out_of_order_second_is_reported_and_skipped(model):
     coder = _coder(model)
     coder.encode(records[:5])
     moments, errors = coder.encode([records[7], records[5]])
-    assert [e.kind for e in errors] == [OUT_OF_ORDER]
-    assert {m.end for m in moments} == {6}
-    assert coder.encoder.next_second("s") == 6
+    assert [e.kind for e in errors] == [HISTORY_INCOMPLETE, OUT_OF_ORDER]  # 5 and 6 bridged, then 5 repeats
+    assert {m.end for m in moments} == {8}
+    assert coder.next_second("s") == 8
 
 
-def test_second_zero_starts_a_new_session(model):
+def test_second_zero_of_a_new_session_starts_over(model):
     records = _records("s", np.ones((10, DIM)))
     coder = _coder(model)
     coder.encode(records)
-    moments, errors = coder.encode(records[:3])
+    again, errors = coder.encode(records[:3])
+    assert [e.kind for e in errors] == [OUT_OF_ORDER] * 3  # the same session going back: skipped
+    assert again == []
+    moments, errors = coder.encode([replace(r, session="later") for r in records[:3]])
     assert errors == []
-    assert max(m.end for m in moments) == 3
+    assert max(m.end for m in moments) == 3 and {m.session for m in moments} == {"later"}
+
+
+def test_unusable_features_are_error_records_and_the_streams_go_on(model):
+    rng = np.random.default_rng(3)
+    good = [replace(r, extractor="x1") for r in _records("good", rng.normal(size=(6, DIM)))]
+    other = [replace(r, extractor="x1") for r in _records("other", rng.normal(size=(6, DIM)))]
+    nan = np.ones(DIM)
+    nan[3] = np.nan
+    bad = [replace(other[2], features=np.ones(DIM + 3)), replace(other[3], extractor="resnet18-512"),
+           replace(other[4], features=nan)]
+    log = good[:3] + other[:2] + bad + good[3:]
+    origins = [Origin("f", 0, i) for i in range(len(log))]
+    coder = _coder(model, extractor="x1")
+    moments, errors = coder.encode(log, origins)
+    assert [(e.kind, e.context["offset"], e.context["t"]) for e in errors] == [
+        (BAD_FEATURES, 5, 2), (FOREIGN_EXTRACTOR, 6, 3), (BAD_FEATURES, 7, 4)]
+    assert "NaN" in errors[2].message and "resnet18-512" in errors[1].message and "f[0]@5" in errors[0].message
+    assert _by_span(moments, "good") == _expected(model, good)
+
+
+def test_a_gap_is_bridged_with_zeros_and_the_stream_resumes(model):
+    rng = np.random.default_rng(4)
+    records = _records("s", rng.normal(size=(40, DIM)))
+    coder = _coder(model)
+    moments, errors = coder.encode(records[:10] + records[15:])
+    assert [e.kind for e in errors] == [HISTORY_INCOMPLETE] and "10 to 14" in errors[0].message
+    bridged = records[:10] + [replace(r, features=np.zeros(DIM)) for r in records[10:15]] + records[15:]
+    expected = {span: code for span, code in _expected(model, bridged).items() if not 10 < span[1] <= 15}
+    assert _by_span(moments, "s") == expected
+
+
+def test_a_gap_longer_than_the_window_is_bridged_too(model):
+    records = _records("s", np.ones((10, DIM)))
+    coder = _coder(model)
+    coder.encode(records[:5])
+    late = replace(records[9], t=5 + 10 * coder.history_seconds)
+    moments, errors = coder.encode([late])
+    assert [e.kind for e in errors] == [HISTORY_INCOMPLETE]
+    assert {m.end for m in moments} == {late.t + 1}
+
+
+def test_history_is_asked_for_when_a_session_is_not_held(model):
+    rng = np.random.default_rng(5)
+    records = _records("s", rng.normal(size=(60, DIM)))
+    first, _ = _coder(model).encode(records[:40])
+    asked = []
+    restarted = _coder(model)
+    second, errors = restarted.encode(records[40:], history=lambda r, origin: asked.append(r.t) or records[:40])
+    assert errors == [] and asked == [40]
+    assert _by_span(first + second, "s") == _expected(model, records)
+
+
+def test_the_last_second_marks_the_final_moment_and_frees_the_stream(model):
+    records = _records("s", np.ones((8, DIM)))
+    records[-1] = replace(records[-1], last=True)
+    coder = _coder(model)
+    moments, _ = coder.encode(records)
+    assert [m.last for m in moments].count(True) == 1 and moments[-1].last and moments[-1].end == 8
+    assert len(coder) == 0
+
+
+def test_idle_streams_are_evicted_and_partitions_forgotten(model):
+    now = [0.0]
+    coder = _coder(model, idle_timeout=60, clock=lambda: now[0])
+    a, b = _records("a", np.ones((3, DIM))), _records("b", np.ones((3, DIM)))
+    coder.encode(a[:1] + b[:1], [Origin("f", 0, 0), Origin("f", 1, 0)])
+    coder.forget([("f", 1)])
+    assert len(coder) == 1 and coder.next_second("b") == 0
+    now[0] = 61.0
+    coder.encode(b[:1])
+    assert len(coder) == 1 and coder.next_second("a") == 0  # a was idle for 61 s

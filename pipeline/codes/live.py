@@ -1,117 +1,219 @@
 """Frame features in, moment codes out: the encoder worker's logic, without Kafka.
 
 A stream's seconds are numbered 0, 1, 2, ... by its producer session (a reconnect keeps counting, and marks the gap
-on the record), so the causal model sees one contiguous sequence per session; ``t == 0`` starts a new session. A
-batch of records is processed in rounds: round r advances every stream by its r-th record, so all streams of the
-batch go through each layer of the network together.
+on the record), so the causal model sees one contiguous sequence per session. The coder holds one state per stream,
+that of the session it saw last: a record of another session starts that session (at ``t == 0``) or rebuilds it from
+the stream's earlier records (after a restart or a partition move). A batch of records is processed in rounds: round
+r advances every stream by its r-th record, so all streams of the batch go through each layer of the network
+together.
+
+What cannot be used becomes an error record, never an exception: features of another extractor or width, or with
+NaN or infinite values, are refused; a second that repeats or goes back is skipped; missing seconds are bridged
+with zeros and reported. A stream's last second frees its state, and so does ``idle_timeout`` without records.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Callable, Iterable
+from dataclasses import replace
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from pipeline.bus.records import ErrorRecord, FrameFeatures, MomentCode
 from pipeline.model.streaming import StreamingEncoder
+from pipeline.partitions import Origin, Partition, StreamPartitions
 
 OUT_OF_ORDER = "out_of_order_second"
 HISTORY_INCOMPLETE = "history_incomplete"
+BAD_FEATURES = "bad_features"
+FOREIGN_EXTRACTOR = "foreign_extractor"
+
+History = Callable[[FrameFeatures, Origin | None], Iterable[FrameFeatures]]
 
 
 class LiveCoder:
-    """Turns FrameFeatures records, in log order, into the MomentCode records that became final with them."""
+    """Turns FrameFeatures records, in log order, into the MomentCode records that became final with them.
 
-    def __init__(self, encoder: StreamingEncoder, bits: int, model: str, clock: Callable[[], float] = time.time):
-        self.encoder = encoder
-        self.bits = bits
-        self.model = model
-        self.clock = clock
+    ``extractor`` is the extractor id of the features the model was trained on; records of any other are refused
+    (None accepts any). ``idle_timeout`` (seconds of ``clock``) frees the state of streams without records.
+    """
+
+    def __init__(self, encoder: StreamingEncoder, bits: int, model: str, *, extractor: str | None = None,
+                 idle_timeout: float | None = None, clock: Callable[[], float] = time.time):
+        self._encoder = encoder
+        self.bits, self.model, self.extractor = bits, model, extractor
+        self.idle_timeout, self.clock = idle_timeout, clock
+        self._sessions: dict[str, str] = {}  # stream -> the session its encoder state belongs to
+        self._seen: dict[str, float] = {}  # stream -> clock of its last record
+        self._partitions = StreamPartitions()
 
     @property
     def history_seconds(self) -> int:
         """Seconds of a stream's past features that restore its state exactly."""
-        return self.encoder.receptive_field
+        return self._encoder.receptive_field
+
+    def __len__(self) -> int:
+        """Streams whose state is held."""
+        return len(self._sessions)
+
+    def next_second(self, stream_id: str) -> int:
+        return self._encoder.next_second(stream_id)
 
     def needs_history(self, record: FrameFeatures) -> bool:
-        """True when the stream is mid-session but its state is gone (a restart or a partition move)."""
-        return record.t > 0 and record.stream_id not in self.encoder
+        """True when the record continues a session whose state is not held (a restart or a partition move)."""
+        return record.t > 0 and self._sessions.get(record.stream_id) != record.session
 
-    def restore(self, stream_id: str, history: Iterable[FrameFeatures], next_second: int) -> list[ErrorRecord]:
-        """Rebuild a stream before ``next_second`` from its earlier records of the same session.
+    def restore(self, record: FrameFeatures, history: Iterable[FrameFeatures],
+                origin: Origin | None = None) -> list[ErrorRecord]:
+        """Rebuild the state of ``record``'s stream and session before ``record.t`` from its earlier records.
 
-        Uses the contiguous run of seconds that ends at ``next_second - 1``; when retention has dropped part of the
-        window, the missing seconds are zeros, the codes that read them are approximate, and an error record says so.
+        Uses the contiguous run of seconds that ends at ``record.t - 1``; when part of the window is missing
+        (retention, a lost record), the missing seconds are zeros, the codes that read them are approximate, and an
+        error record says so.
         """
-        by_second = {r.t: r.features for r in history if r.stream_id == stream_id and r.t < next_second}
+        stream_id, next_second = record.stream_id, record.t
+        by_second = {r.t: r.features for r in history
+                     if r.stream_id == stream_id and r.session == record.session and r.t < next_second
+                     and self._refusal(r) is None}
         needed = min(next_second, self.history_seconds)
         first = next_second
         while first > next_second - needed and (first - 1) in by_second:
             first -= 1
-        tail = np.zeros((needed, self.encoder.ven.video_dim), dtype=np.float32)
+        tail = np.zeros((needed, self._encoder.ven.video_dim), dtype=np.float32)
         if first < next_second:
             tail[needed - (next_second - first) :] = np.stack([by_second[t] for t in range(first, next_second)])
-        self.encoder.rebuild(stream_id, tail, next_second)
+        self._encoder.rebuild(stream_id, tail, next_second)
+        self._hold(record, origin)
         missing = needed - (next_second - first)
         if not missing:
             return []
-        return [
-            ErrorRecord(
-                source=stream_id,
-                kind=HISTORY_INCOMPLETE,
-                message=f"rebuilt stream state before second {next_second} with {missing} of {needed} seconds "
-                "missing from the features topic; codes of moments reaching into them are approximate",
-                time=self.clock(),
-            )
-        ]
+        return [self._error(record, origin, HISTORY_INCOMPLETE,
+                            f"rebuilt stream state before second {next_second} with {missing} of {needed} seconds "
+                            "missing from the features topic; codes of moments reaching into them are approximate")]
 
-    def encode(self, records: Iterable[FrameFeatures]) -> tuple[list[MomentCode], list[ErrorRecord]]:
-        """Advance every stream by its records; seconds that do not continue their stream are reported, not used."""
-        per_stream: dict[str, list[FrameFeatures]] = defaultdict(list)
-        for record in records:
-            per_stream[record.stream_id].append(record)
-        moments: list[MomentCode] = []
+    def encode(self, records: Iterable[FrameFeatures], origins: Sequence[Origin] | None = None,
+               history: History | None = None) -> tuple[list[MomentCode], list[ErrorRecord]]:
+        """Advance every stream by its records; what cannot be used is reported, not used.
+
+        ``origins[i]`` is where ``records[i]`` was read (cited by error records, and the partition whose state the
+        stream belongs to). ``history(record, origin)`` returns a stream's earlier records, for a session whose state
+        is not held; without it such a session starts from zeros (and says so).
+        """
+        records = list(records)
+        origins = list(origins) if origins is not None else [None] * len(records)
+        self._evict_idle()
+        per_stream: dict[str, list[tuple[FrameFeatures, Origin | None]]] = defaultdict(list)
         errors: list[ErrorRecord] = []
+        for record, origin in zip(records, origins):
+            refusal = self._refusal(record)
+            if refusal is not None:
+                errors.append(self._error(record, origin, *refusal))
+            else:
+                per_stream[record.stream_id].append((record, origin))
+        moments: list[MomentCode] = []
         rounds = max((len(queue) for queue in per_stream.values()), default=0)
         for r in range(rounds):
-            batch = [queue[r] for queue in per_stream.values() if r < len(queue)]
             ready = []
-            for record in batch:
-                if record.t == 0:
-                    self.encoder.drop(record.stream_id)  # a new producer session
-                if record.t == self.encoder.next_second(record.stream_id):
+            for record, origin in (queue[r] for queue in per_stream.values() if r < len(queue)):
+                self._seen[record.stream_id] = self.clock()
+                if record.t == 0 and self._sessions.get(record.stream_id) != record.session:
+                    self._drop(record.stream_id)  # a new producer session
+                    self._hold(record, origin)
+                elif self.needs_history(record):
+                    errors += self.restore(record, history(record, origin) if history else (), origin)
+                expected = self._encoder.next_second(record.stream_id)
+                if record.t > expected:
+                    errors.append(self._bridge(record, origin, expected))
+                if record.t == self._encoder.next_second(record.stream_id):
                     ready.append(record)
                 else:
-                    errors.append(self._out_of_order(record))
+                    errors.append(self._error(record, origin, OUT_OF_ORDER,
+                                              f"second {record.t} repeats or goes back (expected {expected}); skipped"))
             if ready:
                 moments.extend(self._step(ready))
         return moments, errors
 
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        """Drop the state of the streams read from ``partitions`` (they moved to another worker)."""
+        for stream_id in self._partitions.take(partitions):
+            self._drop(stream_id)
+
+    def _refusal(self, record: FrameFeatures) -> tuple[str, str] | None:
+        """(kind, reason) when the record's features cannot be fed to the model."""
+        if self.extractor is not None and record.extractor != self.extractor:
+            return FOREIGN_EXTRACTOR, (f"features of extractor {record.extractor or 'unnamed'!r}; this model was "
+                                       f"trained on {self.extractor!r}; start the producer with this checkpoint")
+        if record.features.size != self._encoder.ven.video_dim:
+            return BAD_FEATURES, (f"{record.features.size}-d features; the model reads "
+                                  f"{self._encoder.ven.video_dim}-d ones")
+        if not np.isfinite(record.features).all():
+            return BAD_FEATURES, "features hold NaN or infinite values"
+        return None
+
+    def _bridge(self, record: FrameFeatures, origin: Origin | None, expected: int) -> ErrorRecord:
+        """Advance the stream over missing seconds expected .. t-1 as if their features were zeros."""
+        stream_id, gap = record.stream_id, record.t - expected
+        if gap >= self.history_seconds:  # nothing real is left in the window
+            self._encoder.rebuild(stream_id, np.zeros((min(record.t, self.history_seconds),
+                                                       self._encoder.ven.video_dim), np.float32), record.t)
+        else:
+            zeros = np.zeros((1, self._encoder.ven.video_dim), np.float32)
+            for _ in range(gap):
+                self._encoder.step([stream_id], zeros)  # the moments of missing seconds are not emitted
+        return self._error(record, origin, HISTORY_INCOMPLETE,
+                           f"seconds {expected} to {record.t - 1} are missing; bridged with zeros, codes of moments "
+                           "reaching into them are approximate")
+
     def _step(self, ready: list[FrameFeatures]) -> list[MomentCode]:
         features = np.stack([r.features for r in ready]).astype(np.float32)
-        capture = {r.stream_id: r.capture_time for r in ready}
+        by_stream = {r.stream_id: r for r in ready}
         now = self.clock()
-        return [
+        moments = [
             MomentCode(
                 stream_id=m.stream_id,
                 start=m.start,
                 end=m.end,
                 code=m.code,
                 bits=self.bits,
-                capture_time=capture[m.stream_id],
+                capture_time=by_stream[m.stream_id].capture_time,
                 emitted_time=now,
                 model=self.model,
+                session=by_stream[m.stream_id].session,
             )
-            for m in self.encoder.step([r.stream_id for r in ready], features)
+            for m in self._encoder.step([r.stream_id for r in ready], features)
         ]
+        ended = {r.stream_id for r in ready if r.last}
+        if ended:  # the stream's final moment says so, and its state goes
+            finals = {m.stream_id: i for i, m in enumerate(moments) if m.stream_id in ended}
+            for i in finals.values():
+                moments[i] = replace(moments[i], last=True)
+            for stream_id in ended:
+                self._drop(stream_id)
+        return moments
 
-    def _out_of_order(self, record: FrameFeatures) -> ErrorRecord:
-        expected = self.encoder.next_second(record.stream_id)
-        return ErrorRecord(
-            source=record.stream_id,
-            kind=OUT_OF_ORDER,
-            message=f"second {record.t} does not continue the stream (expected {expected} or 0); skipped",
-            time=self.clock(),
-        )
+    def _hold(self, record: FrameFeatures, origin: Origin | None) -> None:
+        self._sessions[record.stream_id] = record.session
+        self._seen[record.stream_id] = self.clock()
+        self._partitions.note(record.stream_id, origin.where if origin else None)
+
+    def _drop(self, stream_id: str) -> None:
+        self._encoder.drop(stream_id)
+        self._sessions.pop(stream_id, None)
+        self._seen.pop(stream_id, None)
+        self._partitions.discard(stream_id)
+
+    def _evict_idle(self) -> None:
+        if self.idle_timeout is None:
+            return
+        cutoff = self.clock() - self.idle_timeout
+        for stream_id in [s for s, seen in self._seen.items() if seen < cutoff]:
+            self._drop(stream_id)
+
+    def _error(self, record: FrameFeatures, origin: Origin | None, kind: str, message: str) -> ErrorRecord:
+        where = f"{origin}: " if origin else ""
+        return ErrorRecord(source=record.stream_id, kind=kind, time=self.clock(),
+                           message=f"{where}stream {record.stream_id!r} second {record.t}: {message}",
+                           context={**(origin.context() if origin else {}), "stream_id": record.stream_id,
+                                    "session": record.session, "t": record.t})
