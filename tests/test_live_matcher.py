@@ -5,6 +5,7 @@ import pytest
 
 from pipeline.bus.records import BAD_QUERY, MomentCode, StandingQuery
 from pipeline.matching.live import FOREIGN_CODE, LiveMatcher
+from pipeline.partitions import Origin
 
 BITS = 32
 
@@ -18,8 +19,8 @@ def matcher(**kw):
     return LiveMatcher(BITS, "m1", fake_encoder, clock=lambda: 100.0, **kw)
 
 
-def moment(stream, start, end, code, capture=50.0, model="m1"):
-    return MomentCode(stream, start, end, np.asarray(code, np.uint8), BITS, capture, capture, model)
+def moment(stream, start, end, code, capture=50.0, model="m1", session="", last=False):
+    return MomentCode(stream, start, end, np.asarray(code, np.uint8), BITS, capture, capture, model, session, last)
 
 
 def query(query_id, text=None, code=None, threshold=0):
@@ -133,3 +134,63 @@ def test_a_complete_second_settles_at_once_however_it_is_batched():
         m.apply_queries([("red", query("red", "red ", threshold=0))])
         events = [events_of(m.process(batch)[0]) for batch in batches]
         assert events[-1] == [("red", "s", 6, 12, 0)] and not any(events[:-1])
+
+
+def picky_encoder(texts):
+    """Refuses long texts, as the sentence encoder refuses more than its token window."""
+    if any(len(t) > 20 for t in texts):
+        raise ValueError("text of 300 tokens exceeds the encoder's 256-token window")
+    return fake_encoder(texts)
+
+
+def test_a_query_the_encoder_refuses_is_an_error_record_and_the_batch_goes_on():
+    m = LiveMatcher(BITS, "m1", picky_encoder, clock=lambda: 100.0)
+    m.apply_queries([("long", query("long", "red", threshold=1))])
+    errors = m.apply_queries([("ok", query("ok", "red ", threshold=1)), ("long", query("long", "漢" * 1000))])
+    assert [(e.kind, e.source) for e in errors] == [(BAD_QUERY, "long")] and "token window" in errors[0].message
+    assert set(m.queries) == {"ok"}  # the unusable replacement does not leave the old query in place
+
+
+def test_archives_are_per_partition_and_restores_replace_them():
+    m = matcher(archive_size=3)
+    p0, p1 = ("moments", 0), ("moments", 1)
+    a = [moment("a", i, i + 1, list(b"red "), capture=float(i)) for i in range(5)]
+    b = [moment("b", i, i + 1, list(b"red!"), capture=float(i)) for i in range(2)]
+    for _ in range(3):  # any number of reassignments, no duplicates
+        m.restore(p0, a)
+        m.restore(p1, b)
+    hits = m.search(code=list(b"red "), top_k=100)
+    assert sorted((h.stream_id, h.start) for h in hits) == [("a", 2), ("a", 3), ("a", 4), ("b", 0), ("b", 1)]
+    assert m.held_partitions() == [p0, p1]
+    m.process([moment("b", 2, 3, list(b"red!"), capture=9.0)], [Origin("moments", 1, 7)])
+    m.forget([p0])
+    assert m.held_partitions() == [p1]
+    assert sorted((h.stream_id, h.start) for h in m.search(code=list(b"red "), top_k=100)) == [
+        ("b", 0), ("b", 1), ("b", 2)]
+
+
+def test_a_stream_that_ends_mid_cluster_publishes_it_at_once_and_is_freed():
+    m = matcher(settle=3)
+    m.apply_queries([("red", query("red", "red ", threshold=0))])
+    events, _ = m.process([moment("s", 0, 4, list(b"red ")), moment("s", 3, 5, [0, 0, 0, 0], last=True)])
+    assert events_of(events) == [("red", "s", 0, 4, 0)]
+    assert m.merger.state()["streams"] == {}
+
+
+def test_a_new_session_flushes_the_old_one():
+    m = matcher(settle=3)
+    m.apply_queries([("red", query("red", "red ", threshold=0))])
+    events, _ = m.process([moment("s", 5, 9, list(b"red "), session="one"),
+                           moment("s", 0, 1, [0, 0, 0, 0], session="two")])
+    assert events_of(events) == [("red", "s", 5, 9, 0)]
+
+
+def test_idle_streams_are_flushed_and_evicted():
+    now = [0.0]
+    m = LiveMatcher(BITS, "m1", fake_encoder, settle=3, idle_timeout=60, clock=lambda: now[0])
+    m.apply_queries([("red", query("red", "red ", threshold=0))])
+    assert m.process([moment("s", 0, 4, list(b"red "))])[0] == []
+    now[0] = 100.0
+    events, _ = m.process([moment("t", 0, 1, [0, 0, 0, 0])])
+    assert events_of(events) == [("red", "s", 0, 4, 0)]
+    assert set(m.merger.state()["streams"]) <= {"t"}
