@@ -1,6 +1,8 @@
 """Structured, quiet-by-default logs: one JSON object per line on stderr.
 
 Call sites pass fields with ``extra={"fields": {...}}`` (or use :func:`event`) so log lines stay machine-readable.
+Every line is redacted (:func:`pipeline.redact.redact`): a source URL in a message, a field or a traceback loses
+its user info and query string, and no configured password appears, whoever logged it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import logging
 import sys
 import time
 
+from pipeline.redact import redact
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -17,12 +21,12 @@ class JsonFormatter(logging.Formatter):
             "t": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
-        line.update(getattr(record, "fields", {}))
+        line.update({k: redact(v) if isinstance(v, str) else v for k, v in getattr(record, "fields", {}).items()})
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+            line["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(line, default=lambda v: redact(str(v)))
 
 
 def configure(level: str = "WARNING") -> None:

@@ -4,6 +4,10 @@ A setting called ``bootstrap-servers`` is the CLI flag ``--bootstrap-servers``, 
 ``VMH_BOOTSTRAP_SERVERS`` and the key ``bootstrap_servers`` in the TOML config file (``$VMH_CONFIG`` or
 ``./vmh.toml``). Precedence: flag > environment > config file > default. All settings are declared here, once,
 so a name cannot drift between the CLI, the workers and the docs.
+
+Settings of a group live in a TOML table named after the group, without the prefix: ``kafka-sasl-password`` is
+``VMH_KAFKA_SASL_PASSWORD`` and ``sasl_password`` in the ``[kafka]`` table. The Kafka client settings are not flags
+of the workers (a password in argv is visible to every user of the machine); every Kafka client reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class Setting:
     default: Any
     help: str
     type: Callable[[str], Any] = str
+    table: str | None = None  # the vmh.toml table holding it, e.g. "kafka"
 
     @property
     def flag(self) -> str:
@@ -33,8 +38,14 @@ class Setting:
         return "VMH_" + self.name.upper().replace("-", "_")
 
     @property
-    def key(self) -> str:
+    def dest(self) -> str:
+        """The attribute of parsed arguments."""
         return self.name.replace("-", "_")
+
+    @property
+    def key(self) -> str:
+        """The key in vmh.toml, inside ``[table]`` when the setting has one."""
+        return self.name.removeprefix(f"{self.table}-").replace("-", "_") if self.table else self.dest
 
 
 def _cache_dir() -> str:
@@ -49,6 +60,17 @@ _DECLARED = [
     Setting("bootstrap-servers", "", "Kafka bootstrap servers; empty means the local broker started by `vmh broker start`"),
     Setting("broker-port", 19092, "port of the local broker started by `vmh broker`", int),
     Setting("topic-prefix", "vmh", "prefix of every topic name (<prefix>.features, <prefix>.moments, ...)"),
+    # how every Kafka client connects (pipeline/bus/security.py); `vmh broker start` opens a SCRAM listener with them
+    Setting("kafka-security-protocol", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", table="kafka"),
+    Setting("kafka-sasl-mechanism", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", table="kafka"),
+    Setting("kafka-sasl-username", "", "SASL user name", table="kafka"),
+    Setting("kafka-sasl-password", "", "SASL password (never logged)", table="kafka"),
+    Setting("kafka-ssl-cafile", "", "PEM file of the CAs that sign the brokers' certificates", table="kafka"),
+    Setting("kafka-ssl-certfile", "", "PEM file of the client certificate, for mutual TLS", table="kafka"),
+    Setting("kafka-ssl-keyfile", "", "PEM file of the client certificate's private key", table="kafka"),
+    Setting("kafka-ssl-password", "", "password of the client private key (never logged)", table="kafka"),
+    Setting("kafka-client-id", "", "client id the brokers see in their logs and quotas; empty: kafka-python's",
+            table="kafka"),
     # workers
     Setting("metrics-port", 0, "port for the Prometheus metrics endpoint; 0 disables it", int),
     Setting("device", "auto", "torch device: auto (CUDA when present), cpu or cuda"),
@@ -69,11 +91,16 @@ _DECLARED = [
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
 
-@lru_cache(maxsize=1)
 def _config_file() -> dict[str, Any]:
-    path = Path(os.environ.get("VMH_CONFIG", "vmh.toml"))
+    path = Path(os.environ.get("VMH_CONFIG", "vmh.toml")).resolve()
     if not path.is_file():
         return {}
+    return _read_toml(path, path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _read_toml(path: Path, mtime_ns: int) -> dict[str, Any]:
+    """Parsed once per path and version of the file (``mtime_ns`` is only part of the cache key)."""
     with path.open("rb") as f:
         return tomllib.load(f)
 
@@ -84,6 +111,8 @@ def resolve(name: str) -> Any:
     if setting.env in os.environ:
         return setting.type(os.environ[setting.env])
     config = _config_file()
+    if setting.table is not None:
+        config = config.get(setting.table, {})
     if setting.key in config:
         return setting.type(config[setting.key])
     return setting.default
@@ -95,7 +124,7 @@ def add_settings(parser: argparse.ArgumentParser, *names: str) -> None:
         setting = SETTINGS[name]
         parser.add_argument(
             setting.flag,
-            dest=setting.key,
+            dest=setting.dest,
             type=setting.type,
             default=resolve(name),
             help=f"{setting.help} [env {setting.env}]",

@@ -1,7 +1,9 @@
 """Shared fixtures for tests that need the real Kafka broker.
 
 ``kafka_bootstrap`` is an existing cluster when VMH_BOOTSTRAP_SERVERS is set, else a broker this test session
-starts on a random free port with a temporary data dir (about 5 s, once per session) and stops at the end.
+starts on a random free port with a temporary data dir (about 5 s, once per session) and stops at the end. Every
+client connects with the Kafka security settings (VMH_KAFKA_*, vmh.toml), so the suite runs against a secured
+cluster too.
 ``topic_factory`` makes topics with unique names, so tests never see each other's records.
 """
 
@@ -57,9 +59,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def topic_factory(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., str]]:
     """``make(partitions=4, configs=None) -> name``: a new topic named after the test; deleted afterwards."""
-    from kafka import KafkaAdminClient
+    from pipeline.bus.kafka import admin_client
 
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = admin_client(kafka_bootstrap)
     made: list[str] = []
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:80]
 

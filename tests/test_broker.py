@@ -13,11 +13,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from kafka import KafkaAdminClient, TopicPartition
+from kafka import TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from pipeline.bus.broker import BrokerError, broker_status, find_java, kafka_libs
-from pipeline.bus.kafka import at_least_once_producer, read_committed_consumer, read_range
+from pipeline.bus.kafka import admin_client, at_least_once_producer, read_committed_consumer, read_range
 from pipeline.bus.topics import TOPIC_CONFIGS, create_topics, topics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_create_topics_is_idempotent_and_sets_configs(kafka_bootstrap):
     assert sorted(created) == sorted(names.all().values())
     assert create_topics(kafka_bootstrap, prefix=prefix, partitions=2) == []
 
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = admin_client(kafka_bootstrap)
     described = admin.describe_topics([names.queries])
     resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in (names.queries, names.features)]
     configs = admin.describe_configs(resources)["topic"]

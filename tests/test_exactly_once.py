@@ -15,11 +15,12 @@ import time
 import uuid
 from collections import Counter, defaultdict
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from pipeline.bus.kafka import (
-    ExactlyOnceProcessor, Outgoing, at_least_once_producer, read_committed_consumer, read_range,
+    ExactlyOnceProcessor, Outgoing, admin_client, at_least_once_producer, read_committed_consumer, read_range,
 )
+from pipeline.bus.security import client_config
 
 # heartbeats every 0.3 s so rebalances settle fast; 6 s is the broker's default minimum session, for any cluster
 FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 300}
@@ -100,7 +101,7 @@ def _committed_output(bootstrap: str, topic: str) -> dict[bytes, list[bytes]]:
 
 
 def _end_offsets(bootstrap: str, topic: str, isolation_level: str) -> dict[TopicPartition, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation_level)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation_level, **client_config())
     try:
         return consumer.end_offsets([TopicPartition(topic, p) for p in range(4)])
     finally:
@@ -124,7 +125,7 @@ def _wait_until(condition, timeout_s: float, what: str) -> None:
 
 def _group_done(bootstrap: str, group: str, topic: str) -> bool:
     """True once the group's committed offsets reach the end of every input partition."""
-    with KafkaAdminClient(bootstrap_servers=bootstrap) as admin:
+    with admin_client(bootstrap) as admin:
         committed = admin.list_group_offsets({group: None}).get(group, {})
     ends = _end_offsets(bootstrap, topic, "read_committed")
     return all(tp in committed and committed[tp].offset >= end for tp, end in ends.items())
@@ -154,7 +155,7 @@ def test_kill_9_mid_transaction_then_restart_gives_exactly_once_output(kafka_boo
         _reap(first, 10)
     assert first.exitcode == -signal.SIGKILL
     # what the dead worker committed is consistent: its group offsets cover exactly the outputs it committed
-    with KafkaAdminClient(bootstrap_servers=kafka_bootstrap) as admin:
+    with admin_client(kafka_bootstrap) as admin:
         offsets = admin.list_group_offsets({group: None})[group]
     committed_outputs = sum(map(len, _committed_output(kafka_bootstrap, out_topic).values()))
     assert 0 < committed_outputs == sum(o.offset for o in offsets.values())
@@ -172,7 +173,7 @@ def test_kill_9_mid_transaction_then_restart_gives_exactly_once_output(kafka_boo
     assert _committed_output(kafka_bootstrap, out_topic) == _expected(sent)
     # the killed worker's outputs are still in the log, aborted: read_uncommitted sees more than was committed
     everything = KafkaConsumer(bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
-                               consumer_timeout_ms=2000, isolation_level="read_uncommitted")
+                               consumer_timeout_ms=2000, isolation_level="read_uncommitted", **client_config())
     everything.assign([TopicPartition(out_topic, p) for p in range(4)])
     assert sum(1 for _ in everything) > len(sent)
     everything.close()
@@ -180,7 +181,8 @@ def test_kill_9_mid_transaction_then_restart_gives_exactly_once_output(kafka_boo
 
 def test_aborted_transactions_are_invisible_to_read_committed(kafka_bootstrap, topic_factory):
     topic = topic_factory(partitions=1)
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}")
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}",
+                             **client_config())
     producer.init_transactions()
     producer.begin_transaction()
     for i in range(5):
@@ -200,7 +202,7 @@ def test_aborted_transactions_are_invisible_to_read_committed(kafka_bootstrap, t
     consumer.close()
     assert seen == committed
     raw = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
-                        consumer_timeout_ms=2000)
+                        consumer_timeout_ms=2000, **client_config())
     assert sorted(r.value for r in raw) == sorted([b"aborted-%d" % i for i in range(5)] + committed)
     raw.close()
 

@@ -7,10 +7,12 @@ import logging
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.bus.kafka import Outgoing
 from pipeline.bus.records import ErrorRecord, MalformedRecord, Record, decode, encode, record_key
+from pipeline.redact import redact
 from workers import metrics
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,9 @@ def outgoing(topic: str, record: Record) -> Outgoing:
 
 
 def error_outgoing(topic: str, error: ErrorRecord) -> Outgoing:
-    """An error record to publish; counted by kind and logged once, quietly."""
+    """An error record to publish, redacted (its message may quote a source URL or an exception); counted by
+    kind and logged once, quietly."""
+    error = replace(error, source=redact(error.source), message=redact(error.message))
     metrics.ERRORS.labels(error.kind).inc()
     log.warning("%s", error.message, extra={"fields": {"kind": error.kind, "source": error.source}})
     return outgoing(topic, error)

@@ -13,6 +13,7 @@ import re
 import time
 from pathlib import Path
 
+from pipeline.redact import redact
 from pipeline.settings import add_settings
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def stream_spec(spec: str) -> tuple[str, str]:
-    """``ID=SOURCE`` or ``SOURCE``: (stream id, source). Derived ids keep letters, digits, '.', '_' and '-'."""
+    """``ID=SOURCE`` or ``SOURCE``: (stream id, source). Derived ids keep letters, digits, '.', '_' and '-' of the
+    redacted source (no user info or query string: the id is in every record, log line and metric label)."""
     if "=" in spec and "://" not in spec.split("=", 1)[0]:
         stream_id, source = spec.split("=", 1)
     else:
         source = spec
-        path = spec.split("://", 1)[-1].rstrip("/")
+        path = redact(spec).split("://", 1)[-1].rstrip("/")
         stream_id = Path(path).stem if "://" not in spec else path
     stream_id = re.sub(r"[^A-Za-z0-9._-]+", "-", stream_id).strip("-")
     if not stream_id or not source:
-        raise SystemExit(f"vmh producer: cannot name the stream of {spec!r}; write it as ID=SOURCE")
+        raise SystemExit(f"vmh producer: cannot name the stream of {redact(spec)!r}; write it as ID=SOURCE")
     return stream_id, source
 
 

@@ -61,10 +61,11 @@ class System:
 def wait_until_consuming(bootstrap: str, groups: list[str], timeout: float = 120.0) -> None:
     """Block until every consumer group is stable with members, i.e. the workers have loaded their models and
     joined; live streams pushed before that would queue up and show the start-up time as latency."""
-    from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    from pipeline.bus.kafka import admin_client
+
+    admin = admin_client(bootstrap)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -9,7 +9,8 @@
 - ``read_range`` and ``offset_for_time``: re-read part of a partition, e.g. to rebuild per-stream state when a
   partition is assigned to a new owner.
 
-Keys and values are bytes throughout; (de)serialisation belongs to the callers.
+Keys and values are bytes throughout; (de)serialisation belongs to the callers. Every client here connects with
+the security settings of ``pipeline.bus.security.client_config`` (SASL, TLS, client id).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import KafkaError
 
+from pipeline.bus.security import client_config
 from pipeline.settings import resolve
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,14 @@ def bootstrap_servers(explicit: str | None = None) -> str:
 
 
 def admin_client(bootstrap: str | None = None) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=bootstrap_servers(bootstrap))
+    return KafkaAdminClient(bootstrap_servers=bootstrap_servers(bootstrap), **client_config())
 
 
 def at_least_once_producer(bootstrap: str | None = None, **config) -> KafkaProducer:
     """An idempotent producer (``acks=all``): every acknowledged record is stored once, per producer session."""
     return KafkaProducer(
-        bootstrap_servers=bootstrap_servers(bootstrap), acks="all", enable_idempotence=True, linger_ms=5, **config
+        bootstrap_servers=bootstrap_servers(bootstrap), acks="all", enable_idempotence=True, linger_ms=5,
+        **client_config(), **config,
     )
 
 
@@ -86,7 +89,8 @@ def read_committed_consumer(
     """
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap_servers(bootstrap), group_id=group_id, isolation_level="read_committed",
-        auto_offset_reset="earliest" if from_beginning else "latest", allow_auto_create_topics=False, **config,
+        auto_offset_reset="earliest" if from_beginning else "latest", allow_auto_create_topics=False,
+        **client_config(), **config,
     )
     if group_id is not None:
         consumer.subscribe(list(topics))
@@ -150,7 +154,7 @@ def _partition_reader(tp: TopicPartition, bootstrap: str | None) -> KafkaConsume
     """A group-less read_committed consumer assigned to one partition, for short reads."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap_servers(bootstrap), group_id=None, isolation_level="read_committed",
-        enable_auto_commit=False, allow_auto_create_topics=False,
+        enable_auto_commit=False, allow_auto_create_topics=False, **client_config(),
     )
     consumer.assign([tp])
     return consumer
@@ -203,18 +207,18 @@ class ExactlyOnceProcessor:
         consumer_config: dict | None = None,
         producer_config: dict | None = None,
     ) -> None:
-        servers = bootstrap_servers(bootstrap)
+        servers, security = bootstrap_servers(bootstrap), client_config()
         self._transform, self._on_assign, self._on_revoke = transform, on_assign, on_revoke
         self._producer = KafkaProducer(
             bootstrap_servers=servers, transactional_id=transactional_id, transaction_timeout_ms=transaction_timeout_ms,
-            acks="all", **(producer_config or {}),
+            acks="all", **security, **(producer_config or {}),
         )
         try:
             # before the consumer fetches committed offsets: this waits for a predecessor's half-committed transaction
             self._producer.init_transactions()
             self._consumer = KafkaConsumer(
                 bootstrap_servers=servers, group_id=group_id, isolation_level="read_committed",
-                enable_auto_commit=False, max_poll_records=max_poll_records, allow_auto_create_topics=False,
+                enable_auto_commit=False, max_poll_records=max_poll_records, allow_auto_create_topics=False, **security,
                 **{"auto_offset_reset": "earliest", "partition_assignment_strategy": [CooperativeStickyAssignor],
                    "fetch_max_wait_ms": 100,  # live input: an empty fetch comes back within 0.1 s
                    "group_instance_id": transactional_id, **(consumer_config or {})},

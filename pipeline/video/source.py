@@ -26,6 +26,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from pipeline.redact import redact
+
 log = logging.getLogger(__name__)
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
@@ -34,7 +36,11 @@ _EPS = 1e-6  # timestamps are rationals turned into floats: 0.25 may arrive as 0
 
 
 class SourceError(Exception):
-    """A video source that cannot be read."""
+    """A video source that cannot be read. The message names the source without its credentials (it becomes an
+    error record and a log line), however it was put together from the URL and PyAV's errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 class SourceUnavailable(SourceError):
@@ -194,7 +200,7 @@ class VideoSource:
         opener: Opener = av.open,
     ) -> None:
         self.url = url
-        self.stream_id = stream_id or url
+        self.stream_id = stream_id or redact(url)
         self.options = options or SourceOptions()
         self.target = resolve_target(url)
         self.live = self.target.live if self.options.live is None else self.options.live

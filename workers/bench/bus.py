@@ -60,6 +60,7 @@ def cases(params: Params, stack: ExitStack) -> list[Case]:
     from kafka.record.util import crc32c_c
 
     from pipeline.bus.kafka import admin_client, at_least_once_producer, read_range
+    from pipeline.bus.security import client_config
     from pipeline.bus.records import FrameFeatures, decode, encode, record_key
 
     bootstrap = broker(params, stack)
@@ -80,9 +81,9 @@ def cases(params: Params, stack: ExitStack) -> list[Case]:
 
     producer = at_least_once_producer(bootstrap)
     stack.callback(producer.close)
-    raw = KafkaProducer(bootstrap_servers=bootstrap)
+    raw = KafkaProducer(bootstrap_servers=bootstrap, **client_config())  # defaults, but it must reach the cluster
     stack.callback(raw.close)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **client_config())
     stack.callback(consumer.close)
     partitions = {side: [TopicPartition(t, p) for p in range(params.partitions)] for side, t in topics.items()}
     sent = {"ours": 0, "reference": 0}
