@@ -18,9 +18,8 @@ from collections import Counter, defaultdict
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from pipeline.bus.kafka import (
-    ExactlyOnceProcessor, Outgoing, admin_client, at_least_once_producer, read_committed_consumer, read_range,
+    ExactlyOnceProcessor, Outgoing, admin_client, at_least_once_producer, connect, read_committed_consumer, read_range,
 )
-from pipeline.bus.security import client_config
 
 # heartbeats every 0.3 s so rebalances settle fast; 6 s is the broker's default minimum session, for any cluster
 FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 300}
@@ -101,7 +100,7 @@ def _committed_output(bootstrap: str, topic: str) -> dict[bytes, list[bytes]]:
 
 
 def _end_offsets(bootstrap: str, topic: str, isolation_level: str) -> dict[TopicPartition, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation_level, **client_config())
+    consumer = connect(KafkaConsumer, bootstrap, isolation_level=isolation_level)
     try:
         return consumer.end_offsets([TopicPartition(topic, p) for p in range(4)])
     finally:
@@ -172,8 +171,8 @@ def test_kill_9_mid_transaction_then_restart_gives_exactly_once_output(kafka_boo
 
     assert _committed_output(kafka_bootstrap, out_topic) == _expected(sent)
     # the killed worker's outputs are still in the log, aborted: read_uncommitted sees more than was committed
-    everything = KafkaConsumer(bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
-                               consumer_timeout_ms=2000, isolation_level="read_uncommitted", **client_config())
+    everything = connect(KafkaConsumer, kafka_bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=2000,
+                         isolation_level="read_uncommitted")
     everything.assign([TopicPartition(out_topic, p) for p in range(4)])
     assert sum(1 for _ in everything) > len(sent)
     everything.close()
@@ -181,8 +180,7 @@ def test_kill_9_mid_transaction_then_restart_gives_exactly_once_output(kafka_boo
 
 def test_aborted_transactions_are_invisible_to_read_committed(kafka_bootstrap, topic_factory):
     topic = topic_factory(partitions=1)
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}",
-                             **client_config())
+    producer = connect(KafkaProducer, kafka_bootstrap, transactional_id=f"t-{uuid.uuid4().hex[:8]}")
     producer.init_transactions()
     producer.begin_transaction()
     for i in range(5):
@@ -201,8 +199,8 @@ def test_aborted_transactions_are_invisible_to_read_committed(kafka_bootstrap, t
     seen = [r.value for batch in consumer.poll(timeout_ms=3000).values() for r in batch]
     consumer.close()
     assert seen == committed
-    raw = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
-                        consumer_timeout_ms=2000, **client_config())
+    raw = connect(KafkaConsumer, kafka_bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=2000)
+    raw.subscribe([topic])
     assert sorted(r.value for r in raw) == sorted([b"aborted-%d" % i for i in range(5)] + committed)
     raw.close()
 

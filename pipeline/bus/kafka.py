@@ -19,19 +19,20 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from kafka import (
     ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition,
 )
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
-from pipeline.bus.security import client_config
+from pipeline.bus.security import client_config, describe
 from pipeline.settings import resolve
 
 log = logging.getLogger(__name__)
+KafkaClient = TypeVar("KafkaClient", KafkaAdminClient, KafkaConsumer, KafkaProducer)
 
 
 class BusError(RuntimeError):
@@ -63,16 +64,27 @@ def bootstrap_servers(explicit: str | None = None) -> str:
     return state.bootstrap
 
 
-def admin_client(bootstrap: str | None = None) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=bootstrap_servers(bootstrap), **client_config())
+def connect(client_class: type[KafkaClient], bootstrap: str | None = None, **config) -> KafkaClient:
+    """``client_class`` (a kafka-python producer, consumer or admin client) for the configured cluster, with the
+    security settings applied. A cluster that cannot be reached within ``bootstrap_timeout_ms`` raises
+    ``BusError`` naming the servers and how we tried to log in, the usual cause on a secured cluster."""
+    servers = bootstrap_servers(bootstrap)
+    security = client_config()
+    try:
+        return client_class(bootstrap_servers=servers, **security, **config)
+    except KafkaTimeoutError as e:
+        raise BusError(f"cannot connect to Kafka at {servers} with {describe(security)} ({e}); check "
+                       "--bootstrap-servers and the [kafka] settings in vmh.toml or VMH_KAFKA_* (security "
+                       "protocol, SASL mechanism and credentials, TLS files)") from e
+
+
+def admin_client(bootstrap: str | None = None, **config) -> KafkaAdminClient:
+    return connect(KafkaAdminClient, bootstrap, **config)
 
 
 def at_least_once_producer(bootstrap: str | None = None, **config) -> KafkaProducer:
     """An idempotent producer (``acks=all``): every acknowledged record is stored once, per producer session."""
-    return KafkaProducer(
-        bootstrap_servers=bootstrap_servers(bootstrap), acks="all", enable_idempotence=True, linger_ms=5,
-        **client_config(), **config,
-    )
+    return connect(KafkaProducer, bootstrap, acks="all", enable_idempotence=True, linger_ms=5, **config)
 
 
 def read_committed_consumer(
@@ -87,10 +99,9 @@ def read_committed_consumer(
     rebuild the full set of standing queries. ``from_beginning`` picks where reading starts when no offset is
     committed.
     """
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers(bootstrap), group_id=group_id, isolation_level="read_committed",
-        auto_offset_reset="earliest" if from_beginning else "latest", allow_auto_create_topics=False,
-        **client_config(), **config,
+    consumer = connect(
+        KafkaConsumer, bootstrap, group_id=group_id, isolation_level="read_committed",
+        auto_offset_reset="earliest" if from_beginning else "latest", allow_auto_create_topics=False, **config,
     )
     if group_id is not None:
         consumer.subscribe(list(topics))
@@ -152,10 +163,8 @@ def offset_for_time(topic: str, partition: int, timestamp_ms: int, *, bootstrap:
 
 def _partition_reader(tp: TopicPartition, bootstrap: str | None) -> KafkaConsumer:
     """A group-less read_committed consumer assigned to one partition, for short reads."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers(bootstrap), group_id=None, isolation_level="read_committed",
-        enable_auto_commit=False, allow_auto_create_topics=False, **client_config(),
-    )
+    consumer = connect(KafkaConsumer, bootstrap, group_id=None, isolation_level="read_committed",
+                       enable_auto_commit=False, allow_auto_create_topics=False)
     consumer.assign([tp])
     return consumer
 

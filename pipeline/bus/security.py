@@ -38,8 +38,8 @@ def client_config() -> dict[str, str]:
     if protocol not in PROTOCOLS:
         raise KafkaSettingsError(f"{_name('kafka-security-protocol')} is {protocol!r}, not one of {', '.join(PROTOCOLS)}")
     config = {"security_protocol": protocol}
-    sasl = {arg: resolve(name) for arg, name in _SASL.items() if resolve(name)}
-    ssl = {arg: resolve(name) for arg, name in _SSL.items() if resolve(name)}
+    sasl = {arg: value for arg, name in _SASL.items() if (value := resolve(name))}
+    ssl = {arg: value for arg, name in _SSL.items() if (value := resolve(name))}
     if protocol.startswith("SASL_"):
         sasl["sasl_mechanism"] = sasl.get("sasl_mechanism", "").upper()
         if sasl["sasl_mechanism"] not in MECHANISMS:
@@ -61,6 +61,16 @@ def client_config() -> dict[str, str]:
     for arg in _SECRETS:
         keep_secret(config.get(arg))
     return config
+
+
+def describe(config: dict[str, str]) -> str:
+    """How a client with ``config`` logs in, for messages: e.g. ``SASL_SSL, SCRAM-SHA-512 as alice``; no secrets."""
+    parts = [config.get("security_protocol", "PLAINTEXT")]
+    if "sasl_mechanism" in config:
+        parts.append(f"{config['sasl_mechanism']} as {config.get('sasl_plain_username')}")
+    if "ssl_certfile" in config:
+        parts.append(f"client certificate {config['ssl_certfile']}")
+    return ", ".join(parts)
 
 
 def _name(setting: str) -> str:

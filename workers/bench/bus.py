@@ -59,8 +59,7 @@ def cases(params: Params, stack: ExitStack) -> list[Case]:
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.record.util import crc32c_c
 
-    from pipeline.bus.kafka import admin_client, at_least_once_producer, read_range
-    from pipeline.bus.security import client_config
+    from pipeline.bus.kafka import admin_client, at_least_once_producer, connect, read_range
     from pipeline.bus.records import FrameFeatures, decode, encode, record_key
 
     bootstrap = broker(params, stack)
@@ -81,9 +80,9 @@ def cases(params: Params, stack: ExitStack) -> list[Case]:
 
     producer = at_least_once_producer(bootstrap)
     stack.callback(producer.close)
-    raw = KafkaProducer(bootstrap_servers=bootstrap, **client_config())  # defaults, but it must reach the cluster
+    raw = connect(KafkaProducer, bootstrap)  # kafka-python's defaults, with the cluster's security settings
     stack.callback(raw.close)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **client_config())
+    consumer = connect(KafkaConsumer, bootstrap, enable_auto_commit=False)
     stack.callback(consumer.close)
     partitions = {side: [TopicPartition(t, p) for p in range(params.partitions)] for side, t in topics.items()}
     sent = {"ours": 0, "reference": 0}
