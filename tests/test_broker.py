@@ -16,7 +16,7 @@ import pytest
 from kafka import TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from pipeline.bus.broker import BrokerError, broker_status, find_java, kafka_libs
+from pipeline.bus.broker import BrokerError, broker_status, find_java, free_port_pair, kafka_libs
 from pipeline.bus.kafka import admin_client, at_least_once_producer, read_committed_consumer, read_range
 from pipeline.bus.topics import TOPIC_CONFIGS, create_topics, topics
 
@@ -190,3 +190,51 @@ def test_missing_java_and_maven_are_named(tmp_path, monkeypatch):
         find_java()
     with pytest.raises(BrokerError, match="`mvn` is not on PATH"):
         kafka_libs(str(tmp_path / "cache"), progress=False)
+
+
+def test_a_cluster_id_that_begins_with_a_dash_formats(tmp_path):
+    """One random id in 64 begins with '-', which kafka-storage took for an option when given as its own argument."""
+    from pipeline.bus.broker import format_storage, new_cluster_id, server_properties
+
+    cluster_id = "-" + new_cluster_id()[1:]
+    props = tmp_path / "server.properties"
+    props.write_text("".join(f"{k}={v}\n" for k, v in server_properties(free_port_pair(), tmp_path).items()))
+    format_storage(find_java(), kafka_libs(progress=False), props, cluster_id)
+    assert f"cluster.id={cluster_id}\n" in (tmp_path / "kraft" / "meta.properties").read_text()
+
+
+def test_a_formatted_data_dir_refuses_another_scram_user(tmp_path):
+    """The SCRAM user exists only in storage formatted with it, so a start with other credentials fails at once."""
+    from pipeline.bus.broker import Scram, _check_formatted_for, _remember_user
+
+    alice = Scram("SCRAM-SHA-256", "alice", "pw")
+    _remember_user(alice, tmp_path)
+    _check_formatted_for(alice, tmp_path)
+    assert "pw" not in (tmp_path / "scram-user.json").read_text()
+    for other in (Scram("SCRAM-SHA-256", "alice", "pw2"), Scram("SCRAM-SHA-512", "alice", "pw"),
+                  Scram("SCRAM-SHA-256", "bob", "pw")):
+        with pytest.raises(BrokerError, match="was formatted without the SCRAM user"):
+            _check_formatted_for(other, tmp_path)
+    _remember_user(None, tmp_path)
+    with pytest.raises(BrokerError, match="was formatted without the SCRAM user alice"):
+        _check_formatted_for(alice, tmp_path)
+    with pytest.raises(BrokerError, match="SCRAM-SHA-256 or SCRAM-SHA-512, not PLAIN"):
+        Scram("PLAIN", "alice", "pw")
+    with pytest.raises(BrokerError, match="commas, quotes"):
+        Scram("SCRAM-SHA-256", "a,b", "pw")
+
+
+def test_the_local_broker_follows_the_kafka_settings(monkeypatch):
+    from pipeline.bus.broker import Scram
+
+    monkeypatch.setenv("VMH_CONFIG", "/nonexistent/vmh.toml")
+    for name in [n for n in os.environ if n.startswith("VMH_KAFKA_")]:
+        monkeypatch.delenv(name)
+    assert Scram.from_settings() is None
+    for name, value in {"SECURITY_PROTOCOL": "SASL_PLAINTEXT", "SASL_MECHANISM": "scram-sha-512",
+                        "SASL_USERNAME": "alice", "SASL_PASSWORD": "pw"}.items():
+        monkeypatch.setenv(f"VMH_KAFKA_{name}", value)
+    assert Scram.from_settings() == Scram("SCRAM-SHA-512", "alice", "pw")
+    monkeypatch.setenv("VMH_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    with pytest.raises(BrokerError, match="speaks PLAINTEXT or SASL_PLAINTEXT, but .* is SASL_SSL"):
+        Scram.from_settings()
