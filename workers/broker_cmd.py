@@ -16,9 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "broker-port", "cache-dir")
     parser.add_argument("--port", dest="broker_port", type=int, default=argparse.SUPPRESS,
                         help="alias of --broker-port")
-    parser.add_argument("--data-dir", default=None, help="broker data and log dir [default: <cache-dir>/brokers/<port>]; "
-                                                         "stop and status find the broker by it, whatever its port")
+    parser.add_argument("--data-dir", default=None,
+                        help="broker data and log dir [default: <cache-dir>/brokers/<port>]; stop and status find "
+                             "the broker by it, whatever its port")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for start or stop")
+    parser.epilog = ("The client listener asks for a SCRAM login when the Kafka settings say so: security_protocol = "
+                     '"SASL_PLAINTEXT", sasl_mechanism, sasl_username and sasl_password in the [kafka] table of '
+                     "vmh.toml, or VMH_KAFKA_SECURITY_PROTOCOL and so on.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
             if running is None:
                 print(f"no broker runs {where}")
                 return 1
-            print(f"broker pid {running.pid} serves {running.bootstrap} ({running.security}), data in {running.data_dir}")
+            print(f"broker pid {running.pid} serves {running.bootstrap} ({running.security}), "
+                  f"data in {running.data_dir}")
         elif args.action == "start":
             if running is not None:
                 print(f"already running: pid {running.pid} serves {running.bootstrap} ({running.security}), "

@@ -65,7 +65,7 @@ class Scram:
         if any(c in self.username for c in ',"') or not self.username.isprintable():
             raise BrokerError(f"SCRAM user name {self.username!r}: commas, quotes and control characters are not "
                               "allowed by kafka-storage --add-scram")
-        keep_secret(self.password)
+        keep_secret(self.password)  # it is in the broker's properties and its clients' configs: never in a log
 
     @classmethod
     def from_settings(cls) -> Scram | None:
@@ -286,7 +286,8 @@ def _launch(java: str, libs: Path, port: int, data: Path, scram: Scram | None) -
     data.mkdir(parents=True, exist_ok=True)
     props = data / "server.properties"
     props.touch(mode=0o600)  # with SCRAM it holds the broker's own password
-    props.write_text("".join(f"{k}={_properties_escaped(v)}\n" for k, v in server_properties(port, data, scram).items()))
+    properties = server_properties(port, data, scram)
+    props.write_text("".join(f"{k}={_properties_escaped(v)}\n" for k, v in properties.items()))
     classpath = ["-cp", str(libs / "*")]
     if not (data / "kraft" / "meta.properties").exists():
         format_storage(java, libs, props, new_cluster_id(), scram)
@@ -342,8 +343,8 @@ def _check_formatted_for(scram: Scram, data: Path) -> None:
     fails here, clearly, rather than at every login."""
     try:
         formatted = json.loads((data / _SCRAM_USER).read_text())
-        same = (formatted["mechanism"], formatted["username"]) == (scram.mechanism, scram.username) and \
-            _password_check(scram, bytes.fromhex(formatted["salt"])) == formatted["check"]
+        same = ((formatted["mechanism"], formatted["username"]) == (scram.mechanism, scram.username)
+                and _password_check(scram, bytes.fromhex(formatted["salt"])) == formatted["check"])
     except (FileNotFoundError, ValueError, KeyError):
         same = False
     if not same:

@@ -36,14 +36,16 @@ def client_config() -> dict[str, str]:
     client-id options that are set. Raises ``KafkaSettingsError`` naming the settings to fix."""
     protocol = resolve("kafka-security-protocol").upper()
     if protocol not in PROTOCOLS:
-        raise KafkaSettingsError(f"{_name('kafka-security-protocol')} is {protocol!r}, not one of {', '.join(PROTOCOLS)}")
+        raise KafkaSettingsError(f"{_name('kafka-security-protocol')} is {protocol!r}, not one of "
+                                 f"{', '.join(PROTOCOLS)}")
     config = {"security_protocol": protocol}
     sasl = {arg: value for arg, name in _SASL.items() if (value := resolve(name))}
     ssl = {arg: value for arg, name in _SSL.items() if (value := resolve(name))}
     if protocol.startswith("SASL_"):
         sasl["sasl_mechanism"] = sasl.get("sasl_mechanism", "").upper()
         if sasl["sasl_mechanism"] not in MECHANISMS:
-            raise KafkaSettingsError(f"{protocol} needs {_name('kafka-sasl-mechanism')}: one of {', '.join(MECHANISMS)}")
+            raise KafkaSettingsError(f"{protocol} needs {_name('kafka-sasl-mechanism')}: one of "
+                                     f"{', '.join(MECHANISMS)}")
         missing = [_name(_SASL[arg]) for arg in ("sasl_plain_username", "sasl_plain_password") if arg not in sasl]
         if missing:
             raise KafkaSettingsError(f"{protocol} with {sasl['sasl_mechanism']} needs {' and '.join(missing)}")
