@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.bus.kafka import at_least_once_producer, bootstrap_servers, read_committed_consumer
 from pipeline.bus.records import InvalidQuery, MatchEvent, StandingQuery, decode, encode
 from pipeline.bus.topics import topics
+from pipeline.matching.search import SearchRequest
 
 DEFAULT_THRESHOLD = 24  # bits of a 128-bit code: a score b_s . b_v of at least 80
 
@@ -35,7 +36,10 @@ class Client:
 
     def add_query(self, text: str | None = None, *, code: bytes | np.ndarray | None = None, query_id: str | None = None,
                   threshold: int = DEFAULT_THRESHOLD) -> str:
-        """Register (or replace) a standing query given as text, or as a raw packed code; returns its id."""
+        """Register (or replace) a standing query given as text, or as a raw packed code; returns its id. Text
+        longer than the sentence encoder's token window is refused here (``InvalidQuery``), as the workers would."""
+        from pipeline.features.sentence import TextTooLong, check_length
+
         query_id = query_id or uuid.uuid4().hex[:12]
         if code is not None:
             code = np.frombuffer(bytes(code), np.uint8) if not isinstance(code, np.ndarray) else code.astype(np.uint8)
@@ -44,6 +48,10 @@ class Client:
             if text is None:
                 raise InvalidQuery("a query needs a text or a code")
             query = StandingQuery(query_id, text, None, 0, threshold, time.time())
+            try:
+                check_length([text])
+            except TextTooLong as e:
+                raise InvalidQuery(f"query {query_id!r}: {e}; shorten it") from None
         self._send(query_id, encode(query))
         return query_id
 
@@ -96,18 +104,15 @@ class Client:
                until: float | None = None, top_k: int = 10, timeout: float = 10.0) -> list[dict]:
         """Top-k archived moments nearest to a text or code, merged from every query worker's reply.
 
-        Waits until the replies cover every partition of the moments topic, or ``timeout``."""
-        if not (text and text.strip()) and code is None:
-            raise InvalidQuery("a search needs a non-empty text or a code")
-        request_id = uuid.uuid4().hex
+        Waits until the replies cover every partition of the moments topic, or ``timeout``. ``top_k`` is at most
+        ``MAX_TOP_K``; a reply cut to fit the size limit gives fewer hits."""
+        request = SearchRequest(uuid.uuid4().hex, text, None if code is None else bytes(code), since, until, top_k)
+        request_id = request.request_id
         replies = read_committed_consumer([self.topics.search_replies], from_beginning=False, bootstrap=self.bootstrap)
         try:
             for tp in replies.assignment():
                 replies.position(tp)  # fix the start before the request goes out
-            request = {"type": "search_request", "request_id": request_id, "text": text,
-                       "code": bytes(code).hex() if code is not None else None, "since": since, "until": until,
-                       "top_k": top_k}
-            self._send(request_id, json.dumps(request).encode(), topic=self.topics.search_requests)
+            self._send(request_id, request.encode(), topic=self.topics.search_requests)
             partitions = len(replies.partitions_for_topic(self.topics.moments) or ())
             covered: set[int] = set()
             hits: list[dict] = []

@@ -73,6 +73,10 @@ _DECLARED = [
             table="kafka"),
     # workers
     Setting("metrics-port", 0, "port for the Prometheus metrics endpoint; 0 disables it", int),
+    Setting("bus-timeout", 30.0, "seconds a blocking Kafka call (commit, flush, delivery) may take before the worker "
+            "gives up and exits non-zero", float),
+    Setting("stream-idle-timeout", 600.0, "seconds without records after which a stream's state is freed (open "
+            "clusters published)", float),
     Setting("device", "auto", "torch device: auto (CUDA when present), cpu or cuda"),
     Setting("torch-threads", 0, "torch intra-op CPU threads; 0 lets each command choose (1 in the workers, train and "
             "eval, 2 for extract)", int),

@@ -177,3 +177,16 @@ def test_idle_streams_are_evicted_and_partitions_forgotten(model):
     now[0] = 61.0
     coder.encode(b[:1])
     assert len(coder) == 1 and coder.next_second("a") == 0  # a was idle for 61 s
+
+
+def test_the_end_marker_repeats_the_final_moment_marked(model):
+    records = _records("s", np.ones((6, DIM)))
+    coder = _coder(model)
+    moments, _ = coder.encode(records)
+    marker, errors = coder.encode([replace(records[-1], last=True)])
+    assert errors == [] and len(marker) == 1 and marker[0].last
+    assert (marker[0].start, marker[0].end, marker[0].code.tobytes()) == (
+        moments[-1].start, moments[-1].end, moments[-1].code.tobytes())
+    assert len(coder) == 0
+    restarted = _coder(model)  # a coder that never held the stream takes the marker as the end, not a new second
+    assert restarted.encode([replace(records[-1], last=True)], history=lambda r, o: records) == ([], [])

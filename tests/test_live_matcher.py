@@ -194,3 +194,13 @@ def test_idle_streams_are_flushed_and_evicted():
     events, _ = m.process([moment("t", 0, 1, [0, 0, 0, 0])])
     assert events_of(events) == [("red", "s", 0, 4, 0)]
     assert set(m.merger.state()["streams"]) <= {"t"}
+
+
+def test_an_end_marker_ends_the_stream_without_being_a_moment():
+    m = matcher(settle=3)
+    m.apply_queries([("red", query("red", "red ", threshold=0))])
+    final = moment("s", 0, 4, list(b"red "))
+    assert m.process([final])[0] == []
+    events, _ = m.process([moment("s", 0, 4, list(b"red "), last=True)])
+    assert events_of(events) == [("red", "s", 0, 4, 0)]
+    assert len(m.search(code=list(b"red "), top_k=10)) == 1  # archived once

@@ -49,18 +49,20 @@ def test_two_streams_become_exactly_the_predicted_moments(kafka_bootstrap, prefi
     try:
         assert producer.wait(240) == 0, (tmp_path / "producer.log").read_text()[-3000:]
         features = committed(kafka_bootstrap, names.features, expected=FrameFeatures)
-        seconds = Counter(r.stream_id for r in features)
+        assert sorted(r.stream_id for r in features if r.last) == ["bikes", "synthetic"]  # each end marked once
+        seconds = Counter(stream for stream, _ in {(r.stream_id, r.t) for r in features})
         assert set(seconds) == {"bikes", "synthetic"}
         assert seconds["synthetic"] == 12 and seconds["bikes"] >= 10
-        for stream in seconds:  # contiguous seconds 0..T-1, each once
-            assert sorted(r.t for r in features if r.stream_id == stream) == list(range(seconds[stream]))
+        for stream in seconds:  # contiguous seconds 0..T-1, of one session and extractor
+            assert sorted({r.t for r in features if r.stream_id == stream}) == list(range(seconds[stream]))
+        assert len({(r.session, r.extractor) for r in features}) == 1
         want = {stream: expected_moments(count) for stream, count in seconds.items()}
         moments = committed(kafka_bootstrap, names.moments,
-                            lambda r: len(r) >= sum(want.values()), expected=MomentCode)
-        per_stream = Counter(m.stream_id for m in moments)
-        assert per_stream == Counter(want)
-        spans = {(m.stream_id, m.start, m.end) for m in moments}
-        assert len(spans) == len(moments)  # none doubled
+                            lambda r: len({(m.stream_id, m.start, m.end) for m in r}) >= sum(want.values())
+                            and sum(m.last for m in r) == 2, expected=MomentCode)
+        per_stream = Counter(m.stream_id for m in moments if not m.last)
+        assert per_stream == Counter(want)  # and one end marker each, the final moment repeated
+        assert len({(m.stream_id, m.start, m.end) for m in moments}) == len(moments) - 2  # none doubled
         errors = committed(kafka_bootstrap, names.errors, lambda r: len(r) >= 2, expected=ErrorRecord)
         kinds = {e.source: e.kind for e in errors}
         assert kinds["broken"] == "corrupt_video"

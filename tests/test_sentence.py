@@ -67,3 +67,18 @@ def test_bad_texts(encoder: SentenceEncoder) -> None:
         "version": encoder.identity()["version"],
         "dim": 384,
     }
+
+
+def test_check_length_counts_as_the_model_does(encoder: SentenceEncoder) -> None:
+    """The light tokenizer clients use counts the tokens the loaded model counts, for any script."""
+    from pipeline.features.sentence import check_length
+
+    texts = ["a red circle moves left", "漢" * 254, "漢" * 255, "Ünïcödé façade naïve", "word " * 254]
+    counts = [len(ids) for ids in encoder.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+    for text, count in zip(texts, counts):
+        if count > encoder.model.max_seq_length:
+            with pytest.raises(TextTooLong, match=f"{count} tokens"):
+                check_length([text])
+        else:
+            check_length([text])
+    assert counts[1] == 256 and counts[2] == 257  # the boundary is tested on both sides

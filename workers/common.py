@@ -1,54 +1,57 @@
-"""What every worker process shares: stopping on signals, the model from its checkpoint, records to and from bytes."""
+"""What every worker process shares: stopping on signals, the exactly-once loop and its failure rules, the model
+from its checkpoint, records to and from bytes."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.bus.kafka import Outgoing
-from pipeline.bus.records import ErrorRecord, MalformedRecord, Record, decode, encode, record_key
+from pipeline.bus.kafka import BusError, Outgoing
+from pipeline.bus.records import ErrorRecord, MalformedRecord, Record, decode, encode, key_text, record_key
+from pipeline.partitions import Origin
 from pipeline.redact import redact
 from workers import metrics
 
 log = logging.getLogger(__name__)
 
-
-class StreamPartitions:
-    """Which partition each stream's records come from, so per-stream state can follow partition moves."""
-
-    def __init__(self) -> None:
-        self._partition: dict[str, tuple[str, int]] = {}
-
-    def __contains__(self, stream_id: str) -> bool:
-        return stream_id in self._partition
-
-    def note(self, stream_id: str, topic: str, partition: int) -> None:
-        self._partition[stream_id] = (topic, partition)
-
-    def take(self, partitions) -> list[str]:
-        """Forget and return the streams of ``partitions`` (TopicPartitions, which compare equal to tuples)."""
-        gone = [stream_id for stream_id, tp in self._partition.items() if tp in partitions]
-        for stream_id in gone:
-            del self._partition[stream_id]
-        return gone
+POISON_RECORD = "poison_record"
+EXIT_BUS = 3  # the exit code of a worker that gave up on the bus: restart it, exactly-once recovery does the rest
+STOP_GRACE_S = 8.0  # a worker still running this long after SIGTERM or SIGINT exits at once
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGINT or SIGTERM, so a worker finishes its current batch and closes cleanly."""
+def stop_on_signals(grace_s: float = STOP_GRACE_S) -> threading.Event:
+    """An event set by SIGINT or SIGTERM, so a worker finishes its current batch and closes cleanly. A worker that
+    has not exited ``grace_s`` later (blocked in a call to an unreachable broker, say) exits at once, with code 1:
+    whatever it had not committed is redone by its successor."""
     stop = threading.Event()
+
+    def deadline() -> None:
+        log.error("still running %.0f s after a stop signal; exiting now", grace_s)
+        logging.shutdown()
+        os._exit(1)
+
+    def on_signal(*_) -> None:
+        if not stop.is_set():
+            timer = threading.Timer(grace_s, deadline)
+            timer.daemon = True
+            timer.start()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     return stop
 
 
-def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: None, lag_every_s: float = 5.0) -> None:
+def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: None, lag_every_s: float = 5.0) -> int:
     """Drive an ExactlyOnceProcessor until ``stop``; between batches run side work and, every ``lag_every_s``,
-    publish the consumer lag gauge."""
+    publish the consumer lag gauge. Returns the worker's exit code: 0 when stopped, ``EXIT_BUS`` when the bus
+    failed or a deadline passed (logged)."""
     next_lag = 0.0
     try:
         while not stop.is_set():
@@ -58,8 +61,35 @@ def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: N
                 for tp, lag in processor.lag().items():
                     metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(lag)
                 next_lag = time.monotonic() + lag_every_s
+    except BusError as e:
+        log.error("giving up on the bus: %s; exiting with code %d (restart the worker: it resumes from its last "
+                  "commit, exactly once)", e, EXIT_BUS)
+        return EXIT_BUS
     finally:
         processor.close()
+    return 0
+
+
+def poison_errors(errors_topic: str):
+    """The ExactlyOnceProcessor ``poison`` rule of a worker: a record that keeps failing becomes an error record."""
+    def poison(record, error: Exception) -> list[Outgoing]:
+        return [error_outgoing(errors_topic, error_at(record, POISON_RECORD,
+                                                      f"processing failed repeatedly: {error!r}; skipped"))]
+
+    return poison
+
+
+def origin(record) -> Origin:
+    """Where a consumer record was read."""
+    return Origin(record.topic, record.partition, record.offset)
+
+
+def error_at(record, kind: str, reason: str) -> ErrorRecord:
+    """An error record about a consumer record, whatever its key: named by its key (or its partition), citing its
+    topic, partition and offset."""
+    where = origin(record)
+    return ErrorRecord(source=key_text(record.key, f"{where.topic}[{where.partition}]"), kind=kind,
+                       message=f"{where}: {reason}", time=time.time(), context=where.context())
 
 
 def use_threads(threads: int) -> None:
@@ -93,40 +123,37 @@ def error_outgoing(topic: str, error: ErrorRecord) -> Outgoing:
     return outgoing(topic, error)
 
 
-def decode_batch(records, expected: type, errors_topic: str) -> tuple[list, list[Outgoing]]:
-    """Decode consumer records into ``expected`` records; malformed ones become error records, never exceptions."""
-    good, bad = [], []
+def decode_batch(records, expected: type, errors_topic: str) -> tuple[list, list[Origin], list[Outgoing]]:
+    """Decode consumer records into ``expected`` records and their origins; malformed ones become error records,
+    never exceptions."""
+    from pipeline.bus.records import MALFORMED_RECORD
+
+    good, origins, bad = [], [], []
     for record in records:
         try:
-            good.append((record, decode(record.value, expected)))
+            good.append(decode(record.value, expected))
+            origins.append(origin(record))
         except MalformedRecord as e:
-            source = record.key.decode("utf-8", "replace") if record.key else f"{record.topic}[{record.partition}]"
-            error = ErrorRecord(
-                source=source[:256] or "unknown",
-                kind="malformed_record",
-                message=f"{record.topic}[{record.partition}]@{record.offset}: {e}",
-                time=time.time(),
-                context={"topic": record.topic, "partition": record.partition, "offset": record.offset},
-            )
-            bad.append(error_outgoing(errors_topic, error))
-    return good, bad
+            bad.append(error_outgoing(errors_topic, error_at(record, MALFORMED_RECORD, str(e))))
+    return good, origins, bad
 
 
-def key_history(record, expected: type, lookback_s: float, bootstrap: str, enough=lambda found: True) -> list:
-    """Decoded records with ``record``'s key that precede it on its partition, from ``lookback_s`` seconds of
-    record time before it; the window doubles while ``enough(found)`` is false and older records exist.
+def key_history(at: Origin, key: bytes, timestamp_ms: int, expected: type, lookback_s: float, bootstrap: str,
+                enough=lambda found: True) -> list:
+    """Decoded records with ``key`` that precede offset ``at`` on its partition, from ``lookback_s`` seconds of
+    record time before ``timestamp_ms``; the window doubles while ``enough(found)`` is false and older records exist.
 
     This is how a worker rebuilds a stream's state after a restart or a partition move: everything before the
     record's offset was committed by a previous owner, everything from it on is this worker's to process."""
     from pipeline.bus.kafka import offset_for_time, read_range
 
-    topic, partition, end = record.topic, record.partition, record.offset
+    topic, partition, end = at
     while True:
-        since_ms = max(0, int(record.timestamp - lookback_s * 1000))
+        since_ms = max(0, int(timestamp_ms - lookback_s * 1000))
         start = offset_for_time(topic, partition, since_ms, bootstrap=bootstrap)
         found = []
         for earlier in read_range(topic, partition, start, end, bootstrap=bootstrap):
-            if earlier.key == record.key:
+            if earlier.key == key:
                 try:
                     found.append(decode(earlier.value, expected))
                 except MalformedRecord:

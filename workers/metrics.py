@@ -17,6 +17,7 @@ VIDEO_SECONDS = Counter("vmh_video_seconds_total", "Seconds of video turned into
 MOMENTS = Counter("vmh_moments_total", "Candidate moment codes published")
 MATCHES = Counter("vmh_matches_total", "Match events published")
 ERRORS = Counter("vmh_errors_total", "Errors by kind (each also published as an error record)", ["kind"])
+DELIVERY_ERRORS = Counter("vmh_delivery_errors_total", "Records the producer could not deliver to Kafka")
 CONSUMER_LAG = Gauge("vmh_consumer_lag_records", "Records behind the end of the input topic", ["topic", "partition"])
 BATCH_SIZE = Histogram("vmh_batch_size", "Items per batch at a stage", ["stage"], buckets=BATCH_BUCKETS)
 STAGE_LATENCY = Histogram("vmh_stage_seconds", "Time spent in a stage per batch", ["stage"], buckets=STAGE_BUCKETS)

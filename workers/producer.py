@@ -2,12 +2,15 @@
 
 A thin loop around :class:`pipeline.features.live.LiveFeaturizer`: decoded frames of all streams are batched
 through the CNN; records go out keyed by stream id with an idempotent producer (at-least-once: a restarted producer
-starts its streams again at second 0). A bad source becomes an error record while the other streams go on.
+starts a new session, its streams again at second 0). A bad source becomes an error record while the other streams
+go on. Every delivery is checked: a producer that cannot deliver for ``--bus-timeout`` seconds exits non-zero.
+With ``--checkpoint`` the frame extractor is the one the model was trained on, whatever the other settings say.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import time
@@ -26,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realtime", action="store_true", help="pace files as if they were live")
     parser.add_argument("--loop", action="store_true", help="repeat files forever")
     parser.add_argument("--batch-frames", type=int, default=64, help="most frames per CNN batch, across streams")
-    add_settings(parser, "sample-rate", "frame-size", "backbone", "backbone-weights", "device", "torch-threads",
-                 "open-timeout", "stall-timeout", "bootstrap-servers", "topic-prefix", "metrics-port")
+    add_settings(parser, "checkpoint", "sample-rate", "frame-size", "backbone", "backbone-weights", "device",
+                 "torch-threads", "open-timeout", "stall-timeout", "bootstrap-servers", "topic-prefix", "metrics-port",
+                 "bus-timeout")
 
 
 def stream_spec(spec: str) -> tuple[str, str]:
@@ -46,14 +50,14 @@ def stream_spec(spec: str) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.bus.kafka import at_least_once_producer, bootstrap_servers
+    from pipeline.bus.kafka import BusError, CheckedProducer, bootstrap_servers
     from pipeline.bus.topics import create_topics, topics
     from pipeline.features.backbone import FrameEncoder
     from pipeline.features.live import LiveFeaturizer
     from pipeline.video.multi import MultiSource
     from pipeline.video.source import SourceOptions, VideoSource
     from workers import metrics
-    from workers.common import error_outgoing, outgoing, stop_on_signals, use_threads
+    from workers.common import EXIT_BUS, error_outgoing, outgoing, stop_on_signals, use_threads
 
     use_threads(args.torch_threads)
     specs = [stream_spec(s) for s in args.sources]
@@ -63,31 +67,57 @@ def run(args: argparse.Namespace) -> int:
     names = topics(args.topic_prefix)
     create_topics(bootstrap, prefix=args.topic_prefix)
     metrics.serve(args.metrics_port)
-    featurizer = LiveFeaturizer(FrameEncoder.from_args(args))
-    producer = at_least_once_producer(bootstrap)
+    trained_on = use_checkpoint_extractor(args)
+    encoder = FrameEncoder.from_args(args)
+    if trained_on is not None and encoder.identity() != trained_on:
+        raise SystemExit(f"vmh producer: this frame extractor is not the one {args.checkpoint} was trained on: "
+                         + differences(trained_on, encoder.identity()))
+    featurizer = LiveFeaturizer(encoder)
+    producer = CheckedProducer(bootstrap, args.bus_timeout, on_failure=lambda error: metrics.DELIVERY_ERRORS.inc())
     options = SourceOptions.from_args(args, realtime=args.realtime, loop=args.loop)
     stop = stop_on_signals()
-    with MultiSource(VideoSource(source, stream_id, options) for stream_id, source in specs) as streams:
-        for items in streams.batches(args.batch_frames):
-            started = time.perf_counter()
-            done = featurizer.process(items)
-            metrics.STAGE_LATENCY.labels("features").observe(time.perf_counter() - started)
-            metrics.BATCH_SIZE.labels("features").observe(sum(done.frames.values()))
-            for record in done.records:
-                producer.send(**_send_args(outgoing(names.features, record)))
-                metrics.VIDEO_SECONDS.labels(record.stream_id).inc()
-            for stream_id, count in done.frames.items():
-                metrics.FRAMES_DECODED.labels(stream_id).inc(count)
-            for error in done.errors:
-                producer.send(**_send_args(error_outgoing(names.errors, error)))
-            for stream_id in done.ended:
-                log.info("stream ended", extra={"fields": {"stream": stream_id}})
-            if stop.is_set():
-                break
-    producer.flush()
-    producer.close()
+    log.info("producer running", extra={"fields": {"session": featurizer.session, "extractor": featurizer.extractor}})
+    try:
+        with MultiSource(VideoSource(source, stream_id, options) for stream_id, source in specs) as streams:
+            for items in streams.batches(args.batch_frames, stop):
+                started = time.perf_counter()
+                done = featurizer.process(items)
+                metrics.STAGE_LATENCY.labels("features").observe(time.perf_counter() - started)
+                metrics.BATCH_SIZE.labels("features").observe(sum(done.frames.values()))
+                for record in done.records:
+                    producer.send(outgoing(names.features, record))
+                    metrics.VIDEO_SECONDS.labels(record.stream_id).inc()
+                for stream_id, count in done.frames.items():
+                    metrics.FRAMES_DECODED.labels(stream_id).inc(count)
+                for error in done.errors:
+                    producer.send(error_outgoing(names.errors, error))
+                for stream_id in done.ended:
+                    log.info("stream ended", extra={"fields": {"stream": stream_id}})
+        producer.flush()
+    except BusError as e:
+        log.error("cannot deliver to Kafka: %s; exiting with code %d", e, EXIT_BUS)
+        return EXIT_BUS
+    finally:
+        producer.close()
     return 0
 
 
-def _send_args(out) -> dict:
-    return {"topic": out.topic, "value": out.value, "key": out.key}
+def use_checkpoint_extractor(args: argparse.Namespace) -> dict | None:
+    """With ``--checkpoint``, take backbone, frame size and sample rate from the extractor the model was trained on
+    (the checkpoint's config records its identity), and return that identity; None without a checkpoint."""
+    from pipeline.model.checkpoint import CONFIG
+
+    if not args.checkpoint:
+        return None
+    try:
+        identity = json.loads(Path(args.checkpoint, CONFIG).read_text())["extractor"]
+        args.backbone, args.frame_size, args.sample_rate = (identity["backbone"], int(identity["frame_size"]),
+                                                            float(identity["sample_rate"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"vmh producer: cannot read the frame extractor of checkpoint {args.checkpoint}: {e!r}")
+    return identity
+
+
+def differences(expected: dict, found: dict) -> str:
+    return "; ".join(f"{key}: checkpoint {expected.get(key)!r}, here {found.get(key)!r}"
+                     for key in sorted({*expected, *found}) if expected.get(key) != found.get(key))

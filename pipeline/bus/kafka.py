@@ -39,6 +39,10 @@ class BusError(RuntimeError):
     """The bus cannot be reached or a transaction cannot continue."""
 
 
+class BusTimeout(BusError):
+    """A blocking Kafka call did not complete within its deadline (e.g. the broker died mid-commit)."""
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """One record a transform wants produced. ``timestamp_ms=None`` lets the producer stamp it."""
@@ -85,6 +89,53 @@ def admin_client(bootstrap: str | None = None, **config) -> KafkaAdminClient:
 def at_least_once_producer(bootstrap: str | None = None, **config) -> KafkaProducer:
     """An idempotent producer (``acks=all``): every acknowledged record is stored once, per producer session."""
     return connect(KafkaProducer, bootstrap, acks="all", enable_idempotence=True, linger_ms=5, **config)
+
+
+class CheckedProducer:
+    """An at-least-once producer whose deliveries are checked, for records outside the exactly-once loops (feature
+    records, search replies, error records of the side channels).
+
+    A record that cannot be delivered (refused, or the broker unreachable for ``timeout_s``) is reported to
+    ``on_failure`` and makes the next ``send`` or ``flush`` raise ``BusError``; ``flush`` waits at most
+    ``timeout_s``. So a producer that cannot deliver stops instead of dropping records unnoticed.
+    """
+
+    def __init__(self, bootstrap: str | None = None, timeout_s: float = 30.0,
+                 on_failure: Callable[[Exception], None] = lambda error: None, **config) -> None:
+        deadline_ms = int(timeout_s * 1000)
+        self.timeout_s, self._on_failure = timeout_s, on_failure
+        self.producer = at_least_once_producer(bootstrap, max_block_ms=deadline_ms, delivery_timeout_ms=deadline_ms,
+                                               request_timeout_ms=min(30_000, deadline_ms // 2), **config)
+        self.max_request_size: int = self.producer.config["max_request_size"]
+        self._failure: Exception | None = None
+
+    def send(self, out: Outgoing) -> None:
+        self._raise_failure()
+        try:
+            future = self.producer.send(out.topic, value=out.value, key=out.key, headers=list(out.headers),
+                                        timestamp_ms=out.timestamp_ms)
+        except KafkaTimeoutError as e:
+            raise BusTimeout(f"no metadata for topic {out.topic!r} within {self.timeout_s:g} s: {e}") from e
+        future.add_errback(self._failed)
+
+    def flush(self) -> None:
+        try:
+            self.producer.flush(timeout=self.timeout_s)
+        except KafkaTimeoutError as e:
+            raise BusTimeout(f"records not delivered within {self.timeout_s:g} s") from e
+        self._raise_failure()
+
+    def close(self, timeout_s: float = 3.0) -> None:
+        self.producer.close(timeout=timeout_s)
+
+    def _failed(self, error: Exception) -> None:  # on kafka-python's IO thread
+        self._on_failure(error)
+        if self._failure is None:
+            self._failure = error
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise BusError(f"a record could not be delivered: {self._failure!r}")
 
 
 def read_committed_consumer(
@@ -181,9 +232,17 @@ class ExactlyOnceProcessor:
 
     ``transform(records)`` gets one poll's records (grouped by partition, in offset order within each) and returns
     or yields the ``Outgoing`` records to produce. If anything fails, the transaction is aborted and the batch's
-    partitions are rewound to their committed offsets. An exception from ``transform`` then propagates (the caller
-    decides whether to retry, route the record to the errors topic or stop); a Kafka error is logged and the batch
-    is retried on the next ``process_once``; a fatal one (e.g. fenced by a newer instance) raises ``BusError``.
+    partitions are rewound to their committed offsets. A Kafka error is logged and the batch is retried on the next
+    ``process_once``; a fatal one (e.g. fenced by a newer instance) raises ``BusError``.
+
+    Poison records: with ``poison(record, error)``, an exception from ``transform`` does not propagate. The failed
+    batch's records are retried one per transaction, and a record that fails ``max_attempts`` times on its own is
+    replaced by what ``poison`` returns (an error record naming it) in a transaction that commits past it, so one
+    record can never stop the loop, nor stop it again after a restart. Without ``poison`` the exception propagates.
+
+    Deadlines: committing, sending offsets and aborting wait at most ``timeout_s``, and a consumer without a group
+    coordinator (the broker is gone) for that long gives up too; both raise ``BusTimeout``, after which the
+    processor is unusable. Exactly-once recovery makes ending the process then the safe response.
 
     Per-partition state: ``on_revoke(partitions)`` is called (in the processing thread, between batches) when
     partitions leave this member, and ``on_assign({partition: next_offset})`` before the first batch of newly owned
@@ -210,6 +269,9 @@ class ExactlyOnceProcessor:
         *,
         on_assign: Callable[[dict[TopicPartition, int]], None] | None = None,
         on_revoke: Callable[[set[TopicPartition]], None] | None = None,
+        poison: Callable[[ConsumerRecord, Exception], Iterable[Outgoing]] | None = None,
+        max_attempts: int = 3,
+        timeout_s: float = 30.0,
         bootstrap: str | None = None,
         max_poll_records: int = 500,
         transaction_timeout_ms: int = 10_000,
@@ -218,9 +280,13 @@ class ExactlyOnceProcessor:
     ) -> None:
         servers, security = bootstrap_servers(bootstrap), client_config()
         self._transform, self._on_assign, self._on_revoke = transform, on_assign, on_revoke
+        self._poison, self._max_attempts, self._timeout_s = poison, max_attempts, timeout_s
+        self._suspects: dict[TopicPartition, int] = {}  # partition -> end offset of a failed batch, retried singly
+        self._failures: dict[tuple[TopicPartition, int], tuple[int, Exception]] = {}  # record -> (failures, last)
+        self._coordinator_lost: float | None = None  # monotonic time since when the group has no coordinator
         self._producer = KafkaProducer(
             bootstrap_servers=servers, transactional_id=transactional_id, transaction_timeout_ms=transaction_timeout_ms,
-            acks="all", **security, **(producer_config or {}),
+            acks="all", max_block_ms=int(timeout_s * 1000), **security, **(producer_config or {}),
         )
         try:
             # before the consumer fetches committed offsets: this waits for a predecessor's half-committed transaction
@@ -236,36 +302,51 @@ class ExactlyOnceProcessor:
             self._producer.close()
             raise
         self._moves = _RevocationLog()
+        for topic in topics:  # metadata first: a group leader without it assigns nothing, and may not rejoin
+            self._consumer.partitions_for_topic(topic)
         self._consumer.subscribe(list(topics), listener=self._moves)
         self._owned: set[TopicPartition] = set()
 
     def process_once(self, timeout_ms: int = 1000) -> int:
         """Poll once and commit what came in as one transaction; return how many records were consumed."""
         polled = self._consumer.poll(timeout_ms=timeout_ms)
+        self._check_coordinator()
         try:
             self._apply_moves(polled)
         except BaseException:
             self._rewind(polled)  # the partitions are re-announced, and their records polled again, next time
             raise
-        polled = {tp: records for tp, records in polled.items() if tp in self._owned and records}
+        polled = self._isolate({tp: records for tp, records in polled.items() if tp in self._owned and records})
         if not polled:
             return 0
         batch = [record for records in polled.values() for record in records]
         offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in polled.items()}
         self._producer.begin_transaction()
         try:
-            for out in self._transform(batch):
+            for out in self._outputs(batch):
                 self._producer.send(out.topic, value=out.value, key=out.key, headers=list(out.headers),
                                     timestamp_ms=out.timestamp_ms)
-            self._producer.send_offsets_to_transaction(offsets, self._consumer.group_metadata())
-            self._producer.commit_transaction()
+            manager = self._producer._transaction_manager  # the public calls below have no deadline
+            self._wait(lambda: manager.send_offsets_to_transaction(offsets, self._consumer.group_metadata()),
+                       "sending the offsets to the transaction")
+            self._wait(manager.begin_commit, "committing the transaction")
         except KafkaError as e:
             self._abort_and_rewind(polled, e)
             log.warning("transaction of %d records aborted and rewound: %r", len(batch), e)
             return 0
+        except BusError:
+            raise  # a deadline passed or the bus failed: no fault of the records, and nothing more to try here
+        except Exception as e:
+            self._abort_and_rewind(polled, e)
+            if self._poison is None:
+                raise
+            self._note_failure(polled, e)
+            return 0
         except BaseException as e:
             self._abort_and_rewind(polled, e)
             raise
+        for record in batch:
+            self._failures.pop((TopicPartition(record.topic, record.partition), record.offset), None)
         return len(batch)
 
     def run(self, stop: threading.Event | None = None, poll_timeout_ms: int = 1000) -> None:
@@ -290,9 +371,10 @@ class ExactlyOnceProcessor:
                 lags[tp] = max(0, high - self._consumer.position(tp))
         return lags
 
-    def close(self) -> None:
-        self._consumer.close(autocommit=False)
-        self._producer.close()
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Close both clients, within about ``2 * timeout_s`` even when the broker is gone."""
+        self._consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
+        self._producer.close(timeout=timeout_s)
 
     def __enter__(self) -> ExactlyOnceProcessor:
         return self
@@ -315,9 +397,63 @@ class ExactlyOnceProcessor:
                 self._on_assign(positions)
             self._owned |= arrived
 
+    def _outputs(self, batch: list[ConsumerRecord]) -> Iterable[Outgoing]:
+        """The transform's outputs, or for a record that failed ``max_attempts`` times alone, the poison's."""
+        if len(batch) == 1:
+            record = batch[0]
+            failures, error = self._failures.get((TopicPartition(record.topic, record.partition), record.offset),
+                                                 (0, None))
+            if failures >= self._max_attempts:
+                log.error("%s[%d]@%d failed %d times: %r; committing past it", record.topic, record.partition,
+                          record.offset, failures, error)
+                return list(self._poison(record, error))
+        return self._transform(batch)
+
+    def _isolate(self, polled: dict) -> dict:
+        """While a failed batch is retried, take one of its records per transaction and rewind the rest."""
+        for tp in [tp for tp, end in self._suspects.items() if tp in polled and polled[tp][0].offset >= end]:
+            del self._suspects[tp]
+        suspect = next((tp for tp in polled if tp in self._suspects), None)
+        if suspect is None:
+            return polled
+        self._rewind({tp: records if tp != suspect else records[1:] for tp, records in polled.items()})
+        return {suspect: polled[suspect][:1]}
+
+    def _note_failure(self, polled: dict, error: Exception) -> None:
+        batch = [record for records in polled.values() for record in records]
+        if len(batch) > 1:
+            for tp, records in polled.items():
+                self._suspects[tp] = records[-1].offset + 1
+            log.warning("transform failed on a batch of %d records: %r; retrying them one by one", len(batch), error)
+            return
+        key = (TopicPartition(batch[0].topic, batch[0].partition), batch[0].offset)
+        failures = self._failures.get(key, (0, None))[0] + 1
+        self._failures[key] = (failures, error)
+        log.warning("transform failed on %s[%d]@%d (%d of %d attempts): %r", key[0].topic, key[0].partition,
+                    key[1], failures, self._max_attempts, error)
+
+    def _wait(self, begin: Callable, what: str) -> None:
+        """Start a transaction step (a kafka-python TransactionalRequestResult) and wait for it, with a deadline."""
+        result = begin()
+        self._producer._sender.wakeup()
+        if not result.wait(timeout_ms=self._timeout_s * 1000):
+            raise BusTimeout(f"{what} did not complete within {self._timeout_s:g} s")
+
+    def _check_coordinator(self) -> None:
+        """Give up when the group has had no reachable coordinator for ``timeout_s`` (a dead broker, a partition
+        of the network): polls then come back empty forever, and the worker would look alive while doing nothing."""
+        if not self._consumer._coordinator.coordinator_unknown():
+            self._coordinator_lost = None
+        elif self._coordinator_lost is None:
+            self._coordinator_lost = time.monotonic()
+        elif time.monotonic() - self._coordinator_lost > self._timeout_s:
+            raise BusTimeout(f"no reachable group coordinator for {self._timeout_s:g} s")
+
     def _abort_and_rewind(self, polled: dict, cause: BaseException) -> None:
         try:
-            self._producer.abort_transaction()
+            self._wait(self._producer._transaction_manager.begin_abort, "aborting the transaction")
+        except BusTimeout:
+            raise
         except Exception as e:
             raise BusError(f"cannot abort the transaction after {cause!r}; this processor must be recreated") from e
         self._rewind(polled)

@@ -9,7 +9,9 @@ together.
 
 What cannot be used becomes an error record, never an exception: features of another extractor or width, or with
 NaN or infinite values, are refused; a second that repeats or goes back is skipped; missing seconds are bridged
-with zeros and reported. A stream's last second frees its state, and so does ``idle_timeout`` without records.
+with zeros and reported. A stream's last second frees its state, and so does ``idle_timeout`` without records;
+its final moment is marked ``last``. A repeat of the final second marked ``last`` is the producer's end marker for
+a stream whose final second went out unmarked: it repeats the final moment, marked, and nothing else.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class LiveCoder:
         self.idle_timeout, self.clock = idle_timeout, clock
         self._sessions: dict[str, str] = {}  # stream -> the session its encoder state belongs to
         self._seen: dict[str, float] = {}  # stream -> clock of its last record
+        self._final: dict[str, MomentCode] = {}  # stream -> the last moment of its latest second, for the end marker
         self._partitions = StreamPartitions()
 
     @property
@@ -122,8 +125,16 @@ class LiveCoder:
                     self._drop(record.stream_id)  # a new producer session
                     self._hold(record, origin)
                 elif self.needs_history(record):
-                    errors += self.restore(record, history(record, origin) if history else (), origin)
+                    earlier = list(history(record, origin)) if history else []
+                    if record.last and any(r.t == record.t and r.session == record.session for r in earlier):
+                        continue  # the end marker of a stream whose final second this coder never held
+                    errors += self.restore(record, earlier, origin)
                 expected = self._encoder.next_second(record.stream_id)
+                if record.last and record.t == expected - 1:  # the end marker
+                    final = self._final.get(record.stream_id)
+                    moments += [replace(final, last=True, emitted_time=self.clock())] if final else []
+                    self._drop(record.stream_id)
+                    continue
                 if record.t > expected:
                     errors.append(self._bridge(record, origin, expected))
                 if record.t == self._encoder.next_second(record.stream_id):
@@ -184,13 +195,14 @@ class LiveCoder:
             )
             for m in self._encoder.step([r.stream_id for r in ready], features)
         ]
-        ended = {r.stream_id for r in ready if r.last}
-        if ended:  # the stream's final moment says so, and its state goes
-            finals = {m.stream_id: i for i, m in enumerate(moments) if m.stream_id in ended}
-            for i in finals.values():
-                moments[i] = replace(moments[i], last=True)
-            for stream_id in ended:
-                self._drop(stream_id)
+        finals = {m.stream_id: i for i, m in enumerate(moments)}
+        for stream_id, i in finals.items():
+            self._final[stream_id] = moments[i]
+        for record in ready:  # a stream's final moment says so, and its state goes
+            if record.last:
+                if record.stream_id in finals:
+                    moments[finals[record.stream_id]] = replace(moments[finals[record.stream_id]], last=True)
+                self._drop(record.stream_id)
         return moments
 
     def _hold(self, record: FrameFeatures, origin: Origin | None) -> None:
@@ -200,8 +212,8 @@ class LiveCoder:
 
     def _drop(self, stream_id: str) -> None:
         self._encoder.drop(stream_id)
-        self._sessions.pop(stream_id, None)
-        self._seen.pop(stream_id, None)
+        for state in (self._sessions, self._seen, self._final):
+            state.pop(stream_id, None)
         self._partitions.discard(stream_id)
 
     def _evict_idle(self) -> None:

@@ -2,18 +2,22 @@
 
 Each stream's seconds are numbered 0, 1, 2, ... by this session, contiguously: a reconnect keeps counting and marks
 the lost media time on the first record after it, so the encoder downstream always sees one unbroken sequence.
+Records name the producer session and the extractor that made them. A stream that ends marks its final second
+``last``; when that second already went out (it was complete before the end was known), it goes out once more,
+marked, as the end marker.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
-from pipeline.bus.records import CORRUPT_VIDEO, DEAD_SOURCE, ErrorRecord, FrameFeatures
+from pipeline.bus.records import CORRUPT_VIDEO, DEAD_SOURCE, ErrorRecord, FrameFeatures, extractor_id
 from pipeline.features.backbone import FrameEncoder
 from pipeline.features.pooling import PooledSecond, SecondPooler
 from pipeline.video.multi import Item, StreamEnded, StreamError
@@ -33,12 +37,15 @@ class Featurized:
 class LiveFeaturizer:
     """Batches frames of all streams through the CNN at once and pools them into one record per stream second."""
 
-    def __init__(self, encoder: FrameEncoder, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, encoder: FrameEncoder, clock: Callable[[], float] = time.time, session: str | None = None) -> None:
         self.encoder = encoder
         rate = encoder.sample_rate
         self.pooler = SecondPooler(int(rate) if float(rate).is_integer() else None)
         self.clock = clock
+        self.session = session or uuid.uuid4().hex[:16]
+        self.extractor = extractor_id(encoder.identity())
         self._next_t: dict[str, int] = {}
+        self._latest: dict[str, FrameFeatures] = {}  # each stream's latest record, for its end marker
 
     def process(self, items: Sequence[Item]) -> Featurized:
         out = Featurized()
@@ -49,11 +56,18 @@ class LiveFeaturizer:
             out.frames = Counter(f.stream_id for f in frames)
         for item in items:
             if isinstance(item, (StreamEnded, StreamError)):
-                out.records += self._records(self.pooler.flush(item.stream_id))
+                out.records += self._end(item.stream_id)
                 out.ended.append(item.stream_id)
             if isinstance(item, StreamError):
                 out.errors.append(self._error(item))
         return out
+
+    def _end(self, stream_id: str) -> list[FrameFeatures]:
+        """The stream's remaining records, the final one marked ``last`` (or the end marker)."""
+        records = self._records(self.pooler.flush(stream_id))
+        final = records.pop() if records else self._latest.get(stream_id)
+        self._latest.pop(stream_id, None)
+        return records + ([replace(final, last=True)] if final is not None else [])
 
     def _records(self, seconds: list[PooledSecond]) -> list[FrameFeatures]:
         records = []
@@ -69,8 +83,11 @@ class LiveFeaturizer:
                     features=second.vector,
                     gap=second.gap > 0,
                     gap_seconds=float(second.gap),
+                    session=self.session,
+                    extractor=self.extractor,
                 )
             )
+            self._latest[second.stream_id] = records[-1]
         return records
 
     def _error(self, item: StreamError) -> ErrorRecord:

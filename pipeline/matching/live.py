@@ -75,6 +75,7 @@ class LiveMatcher:
         self._second: dict[str, list[int]] = {}  # stream -> [latest second, its moments seen so far]
         self._sessions: dict[str, str] = {}  # stream -> the session its merger state belongs to
         self._seen: dict[str, float] = {}  # stream -> clock of its last moment
+        self._latest: dict[str, tuple[int, int]] = {}  # stream -> span of its latest moment, to tell end markers
         self._partitions = StreamPartitions()
 
     @property
@@ -191,15 +192,25 @@ class LiveMatcher:
         return codes
 
     def _match(self, segment: list[tuple[MomentCode, Origin | None]], emit: bool) -> list[Hit]:
-        """Moments in which no stream changes session: hits, settling, the stream's end."""
+        """Moments in which no stream changes session: hits, settling, the stream's end. A ``last`` moment that
+        repeats the stream's latest one is the encoder's end marker: it ends the stream and is not a moment."""
         settled: list[Hit] = []
+        ended, kept = set(), []
         for moment, origin in segment:
-            if self._sessions.get(moment.stream_id, moment.session) != moment.session:
-                settled += self._end(moment.stream_id)  # a new producer session: the old one is over
-            self._sessions[moment.stream_id] = moment.session
-            self._seen[moment.stream_id] = self.clock()
-            if origin is not None or moment.stream_id not in self._partitions:
-                self._partitions.note(moment.stream_id, origin.where if origin else None)
+            stream_id = moment.stream_id
+            if self._sessions.get(stream_id, moment.session) != moment.session:
+                settled += self._end(stream_id)  # a new producer session: the old one is over
+            if moment.last:
+                ended.add(stream_id)
+                if self._latest.get(stream_id) == (moment.start, moment.end):
+                    continue
+            self._sessions[stream_id] = moment.session
+            self._seen[stream_id] = self.clock()
+            self._latest[stream_id] = (moment.start, moment.end)
+            if origin is not None or stream_id not in self._partitions:
+                self._partitions.note(stream_id, origin.where if origin else None)
+            kept.append((moment, origin))
+        segment = kept
         moments = [moment for moment, _ in segment]
         if emit:
             by_partition: dict[Partition | None, list[MomentCode]] = defaultdict(list)
@@ -224,7 +235,7 @@ class LiveMatcher:
             latest[1] += count
             if self.moments_per_second is not None and latest[1] >= self.moments_per_second(end):
                 settled += self.merger.update(stream, end)
-        for stream_id in {m.stream_id for m in moments if m.last}:
+        for stream_id in sorted(ended):
             settled += self._end(stream_id)
         return settled
 
@@ -236,7 +247,7 @@ class LiveMatcher:
 
     def _free(self, stream_id: str) -> None:
         self.merger.drop(stream_id)
-        for state in (self._second, self._sessions, self._seen):
+        for state in (self._second, self._sessions, self._seen, self._latest):
             state.pop(stream_id, None)
         self._partitions.discard(stream_id)
 

@@ -73,10 +73,11 @@ class MultiSource:
             return
         self._put(StreamEnded(source.stream_id))
 
-    def batches(self, max_items: int = 32) -> Iterator[list[Item]]:
+    def batches(self, max_items: int = 32, stop: threading.Event | None = None) -> Iterator[list[Item]]:
         """Lists of up to ``max_items`` items: blocks for the first, then takes what is already queued, so a batch
-        never waits for frames that have not been decoded yet."""
-        while self._running and not self._closed.is_set():
+        never waits for frames that have not been decoded yet. Ends within 0.2 s of ``stop``, even while every
+        stream waits to reconnect."""
+        while self._running and not self._closed.is_set() and not (stop is not None and stop.is_set()):
             try:
                 batch = [self._queue.get(timeout=0.2)]
             except queue.Empty:
