@@ -38,7 +38,6 @@ def client_config() -> dict[str, str]:
     if protocol not in PROTOCOLS:
         raise KafkaSettingsError(f"{_name('kafka-security-protocol')} is {protocol!r}, not one of "
                                  f"{', '.join(PROTOCOLS)}")
-    config = {"security_protocol": protocol}
     sasl = {arg: value for arg, name in _SASL.items() if (value := resolve(name))}
     ssl = {arg: value for arg, name in _SSL.items() if (value := resolve(name))}
     if protocol.startswith("SASL_"):
@@ -58,8 +57,9 @@ def client_config() -> dict[str, str]:
     for arg in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         if arg in ssl and not Path(ssl[arg]).is_file():
             raise KafkaSettingsError(f"{_name(_SSL[arg])}: no such file {ssl[arg]}")
-    client_id = resolve("kafka-client-id")
-    config.update(sasl, **ssl, **({"client_id": client_id} if client_id else {}))
+    config = {"security_protocol": protocol, **sasl, **ssl}
+    if client_id := resolve("kafka-client-id"):
+        config["client_id"] = client_id
     for arg in _SECRETS:
         keep_secret(config.get(arg))
     return config
