@@ -238,3 +238,12 @@ def test_the_local_broker_follows_the_kafka_settings(monkeypatch):
     monkeypatch.setenv("VMH_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     with pytest.raises(BrokerError, match="speaks PLAINTEXT or SASL_PLAINTEXT, but .* is SASL_SSL"):
         Scram.from_settings()
+
+
+def test_server_properties_hold_any_password():
+    """Kafka reads server.properties as ISO-8859-1 with backslash escapes, and JAAS options are quoted strings."""
+    from pipeline.bus.broker import _jaas_quoted, _properties_escaped
+
+    assert _properties_escaped("plain-ascii=ok") == "plain-ascii=ok"
+    assert _properties_escaped("a\\bé😀") == "a\\\\b\\u00e9\\ud83d\\ude00"
+    assert _jaas_quoted('say "hi" \\o/') == 'say \\"hi\\" \\\\o/'
