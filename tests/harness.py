@@ -57,11 +57,21 @@ def lite_checkpoint(path: Path, seed: int = 0) -> Path:
     return save_checkpoint(path, model, encoder.identity(), MODEL_NAME)
 
 
-def committed(bootstrap: str, topic: str, until=None, timeout: float = 120.0, expected=None) -> list:
+def committed(bootstrap: str, topic: str, until=None, timeout: float = 120.0, expected=None,
+              skip_malformed: bool = False) -> list:
     """Decoded read_committed records of ``topic`` from the beginning, polled until ``until(records)`` holds
-    (without ``until``: until the end of every partition as it stands now)."""
+    (without ``until``: until the end of every partition as it stands now); ``skip_malformed`` leaves out records
+    that do not decode, e.g. garbage a test wrote."""
     from pipeline.bus.kafka import read_committed_consumer
-    from pipeline.bus.records import decode
+    from pipeline.bus.records import MalformedRecord, decode
+
+    def decoded(value):
+        try:
+            return decode(value, expected) if value is not None else None
+        except MalformedRecord:
+            if not skip_malformed:
+                raise
+            return None
 
     consumer = read_committed_consumer([topic], bootstrap=bootstrap)
     ends = consumer.end_offsets(list(consumer.assignment()))
@@ -72,7 +82,8 @@ def committed(bootstrap: str, topic: str, until=None, timeout: float = 120.0, ex
     try:
         while time.monotonic() < deadline:
             for batch in consumer.poll(timeout_ms=500).values():
-                records += [decode(r.value, expected) if r.value is not None else None for r in batch]
+                records += [record for record in map(decoded, (r.value for r in batch))
+                            if record is not None or not skip_malformed]
             if until(records):
                 return records
         raise AssertionError(f"{topic}: condition not met after {timeout} s with {len(records)} records")
