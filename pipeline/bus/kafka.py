@@ -126,7 +126,7 @@ class CheckedProducer:
         self._raise_failure()
 
     def close(self, timeout_s: float = 3.0) -> None:
-        self.producer.close(timeout=timeout_s)
+        close_producer(self.producer, timeout_s)
 
     def _failed(self, error: Exception) -> None:  # on kafka-python's IO thread
         self._on_failure(error)
@@ -136,6 +136,17 @@ class CheckedProducer:
     def _raise_failure(self) -> None:
         if self._failure is not None:
             raise BusError(f"a record could not be delivered: {self._failure!r}")
+
+
+def close_producer(producer: KafkaProducer, timeout_s: float) -> None:
+    """Close ``producer`` within about ``timeout_s``, also when its records cannot be delivered (the broker is gone):
+    kafka-python's ``close`` then raises from its flush and leaves the sender thread running, so stop it here."""
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaTimeoutError:
+        log.warning("producer closed with records undelivered after %g s", timeout_s)
+        producer._sender.force_close()
+        producer._closed = True
 
 
 def read_committed_consumer(
@@ -374,7 +385,7 @@ class ExactlyOnceProcessor:
     def close(self, timeout_s: float = 3.0) -> None:
         """Close both clients, within about ``2 * timeout_s`` even when the broker is gone."""
         self._consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
-        self._producer.close(timeout=timeout_s)
+        close_producer(self._producer, timeout_s)
 
     def __enter__(self) -> ExactlyOnceProcessor:
         return self
