@@ -1,0 +1,58 @@
+"""The producer's logic without Kafka or a CNN: sessions, extractor ids, the end of a stream; and the extractor a
+producer takes from a checkpoint."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.bus.records import extractor_id
+from pipeline.features.live import LiveFeaturizer
+from pipeline.video.multi import StreamEnded
+from pipeline.video.source import SampledFrame
+from workers.producer import differences, use_checkpoint_extractor
+
+IDENTITY = {"backbone": "fake", "weights_sha256": "00", "frame_size": 4, "sample_rate": 2.0, "dim": 3}
+
+
+class FakeEncoder:
+    sample_rate, dim = 2.0, 3
+
+    def encode(self, frames):
+        return np.ones((len(frames), self.dim), np.float32)
+
+    def identity(self):
+        return IDENTITY
+
+
+def frames(stream, seconds, per_second=2):
+    return [SampledFrame(stream, s, s + i / per_second, 100.0 + s, np.zeros((4, 4, 3), np.uint8))
+            for s in seconds for i in range(per_second)]
+
+
+def test_records_name_their_session_and_extractor_and_the_end_is_marked():
+    featurizer = LiveFeaturizer(FakeEncoder(), session="s1")
+    done = featurizer.process(frames("a", range(3)) + frames("b", range(2), per_second=1))
+    assert {(r.stream_id, r.t) for r in done.records} == {("a", 0), ("a", 1), ("a", 2), ("b", 0)}
+    assert {(r.session, r.extractor) for r in done.records} == {("s1", extractor_id(IDENTITY))}
+    assert not any(r.last for r in done.records)
+    ended = featurizer.process([StreamEnded("a"), StreamEnded("b")])
+    # a's final second went out complete: it goes out again as the end marker; b's was still open: it is marked
+    assert [(r.stream_id, r.t, r.last) for r in ended.records] == [("a", 2, True), ("b", 1, True)]
+    assert ended.ended == ["a", "b"]
+
+
+def test_a_new_featurizer_is_a_new_session():
+    assert LiveFeaturizer(FakeEncoder()).session != LiveFeaturizer(FakeEncoder()).session
+
+
+def test_the_checkpoint_decides_the_extractor(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"extractor": {**IDENTITY, "backbone": "mobilenet_v2"}}))
+    args = argparse.Namespace(checkpoint=str(tmp_path), backbone="resnet18", frame_size=224, sample_rate=4.0)
+    identity = use_checkpoint_extractor(args)
+    assert (args.backbone, args.frame_size, args.sample_rate) == ("mobilenet_v2", 4, 2.0)
+    assert differences(identity, {**identity, "pooling": "max"}) == "pooling: checkpoint None, here 'max'"
+    assert use_checkpoint_extractor(argparse.Namespace(checkpoint="")) is None
+    with pytest.raises(SystemExit, match="cannot read the frame extractor"):
+        use_checkpoint_extractor(argparse.Namespace(checkpoint=str(tmp_path / "missing")))
