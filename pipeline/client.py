@@ -125,8 +125,11 @@ class Client:
                             continue
                         if reply.get("error"):
                             raise InvalidQuery(f"search failed: {reply['error']}")
-                        covered |= set(reply.get("partitions", ()))
-                        hits += reply["hits"]
+                        # each partition's hits from the first reply that holds it: during a rebalance two
+                        # workers may both answer for one partition
+                        fresh = set(reply.get("partitions", ())) - covered
+                        covered |= fresh
+                        hits += [hit for hit in reply["hits"] if hit.get("partition") in fresh]
             hits.sort(key=lambda h: (h["distance"], -h["capture_time"]))
             return hits[:top_k]
         finally:

@@ -21,6 +21,7 @@ class ArchiveHit(NamedTuple):
     end: int
     distance: int
     capture_time: float
+    partition: int | None = None  # of the moments topic, when the archive is one partition's
 
 
 class MomentArchive:

@@ -166,13 +166,14 @@ class LiveMatcher:
     def search(self, text: str | None = None, code: np.ndarray | None = None, since: float | None = None,
                until: float | None = None, top_k: int = 10) -> list[ArchiveHit]:
         """Top-k archived moments nearest to a text or a code, captured in [since, until]: by distance, then
-        newest first."""
+        newest first; each names the partition whose archive holds it."""
         if code is None:
             if not text or not text.strip():
                 raise InvalidQuery("a search needs a non-empty text or a code")
             code = self.encode_text([text])[0]
         code = np.asarray(code, dtype=np.uint8)
-        hits = [hit for archive in self._archives.values() for hit in archive.search(code, since, until, top_k)]
+        hits = [hit._replace(partition=None if partition is None else partition[1])
+                for partition, archive in self._archives.items() for hit in archive.search(code, since, until, top_k)]
         return sorted(hits, key=lambda h: (h.distance, -h.capture_time))[:top_k]
 
     def _encode_texts(self, texts: list[str]) -> list[np.ndarray | Exception]:
