@@ -201,14 +201,18 @@ def test_a_search_for_too_many_hits(system):
         for tp in replies.assignment():
             replies.position(tp)
         request = {"type": "search_request", "request_id": "huge", "code": "00" * 16, "top_k": 100_000}
-        system.send(system.names.search_requests, raw=[(b"\xff" * 300, json.dumps(request).encode())])
+        nameless = {"type": "search_request", "request_id": "x" * 10_000, "code": "00" * 16}
+        system.send(system.names.search_requests, raw=[(b"\xff" * 300, b"\xff\xfe not JSON"),
+                                                       (None, json.dumps(nameless).encode()),
+                                                       (b"\xff" * 300, json.dumps(request).encode())])
         deadline, got = time.monotonic() + 60, []
         while not got and time.monotonic() < deadline:
             got = [json.loads(r.value) for batch in replies.poll(timeout_ms=500).values() for r in batch]
     finally:
         replies.close()
     assert got and got[0]["request_id"] == "huge" and "1000" in got[0]["error"] and got[0]["hits"] == []
-    system.errors(lambda e: e.kind == "bad_search_request" and "top_k" in e.message)
+    errors = system.errors(lambda e: e.kind == "bad_search_request" and "top_k" in e.message)
+    assert sum(e.kind == "bad_search_request" for e in errors) == 3
     hits = system.client.search(code=bytes(16), top_k=1000)  # the largest allowed, answered within the size limit
     assert 0 < len(hits) <= 1000
     system.assert_healthy()
@@ -226,3 +230,5 @@ def test_stopped_workers_stop_in_time_and_restart_on_the_same_log(system):
     committed(system.bootstrap, system.names.errors, lambda r: sum(e.source == "cjk" for e in r) > reported,
               timeout=120, expected=ErrorRecord)
     system.assert_healthy()
+    system.producer.terminate()
+    assert system.producer.wait(10) == 0

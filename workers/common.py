@@ -89,7 +89,7 @@ def error_at(record, kind: str, reason: str) -> ErrorRecord:
     topic, partition and offset."""
     where = origin(record)
     return ErrorRecord(source=key_text(record.key, f"{where.topic}[{where.partition}]"), kind=kind,
-                       message=f"{where}: {reason}", time=time.time(), context=where.context())
+                       message=f"{where}: {reason[:2000]}", time=time.time(), context=where.context())
 
 
 def use_threads(threads: int) -> None:

@@ -122,33 +122,39 @@ class QueryWorker:
 
     def answer(self, polled) -> None:
         """Answer search requests with this worker's top-k over the partitions it holds completely. Whatever a
-        request holds, it gets a reply that fits the producer's size limit (an error saying why, if need be)."""
+        request holds, it gets a reply that fits the producer's size limit (an error saying why, if need be), and
+        nothing but that reply, built and checked here, goes to the producer."""
+        errors = []
+        for batch in polled.values():
+            for record in batch:
+                reply = self._reply(record, errors)
+                if reply is not None:
+                    self.side.send(reply)
+        self._publish_errors(errors)
+        self.side.flush()
+
+    def _reply(self, record, errors: list):
+        """The reply to one request (None when it has no usable request id); an error record when it fails."""
         from pipeline.bus.kafka import Outgoing
         from pipeline.matching.search import BadSearchRequest, SearchRequest, encode_reply
         from workers.common import error_at
 
-        errors = []
         limit = self.side.max_request_size - 4096  # room for the record's key, headers and batch overhead
-        for batch in polled.values():
-            for record in batch:
-                request_id, hits, error = None, [], None
-                try:
-                    request = SearchRequest.decode(record.value)
-                    request_id = request.request_id
-                    code = None if request.code is None else list(request.code)
-                    hits = [h._asdict() for h in self.matcher.search(request.text, code, request.since, request.until,
-                                                                    request.top_k)]
-                except Exception as e:  # a bad request gets an answer saying why, never a dead worker
-                    request_id = request_id or (e.request_id if isinstance(e, BadSearchRequest) else None)
-                    error = str(e)
-                    errors.append(error_at(record, "bad_search_request", error))
-                if request_id is None:
-                    continue  # no one to answer
-                partitions = [partition for _, partition in self.matcher.held_partitions()]
-                self.side.send(Outgoing(self.names.search_replies,
-                                        encode_reply(request_id, hits, partitions, error, limit), request_id.encode()))
-        self._publish_errors(errors)
-        self.side.flush()
+        partitions = [partition for _, partition in self.matcher.held_partitions()]
+        request_id = None
+        try:
+            request = SearchRequest.decode(record.value)
+            request_id = request.request_id
+            code = None if request.code is None else list(request.code)
+            hits = self.matcher.search(request.text, code, request.since, request.until, request.top_k)
+            value = encode_reply(request_id, [h._asdict() for h in hits], partitions, None, limit)
+        except Exception as e:  # a bad request gets an answer saying why, never a dead worker
+            request_id = request_id or (e.request_id if isinstance(e, BadSearchRequest) else None)
+            errors.append(error_at(record, "bad_search_request", str(e)))
+            if request_id is None:
+                return None  # no one to answer
+            value = encode_reply(request_id, [], partitions, str(e), limit)
+        return Outgoing(self.names.search_replies, value, request_id.encode())
 
     def restore(self, positions) -> None:
         """Partitions arrived: hand the matcher each one's recent moments (its archive window, back from the

@@ -18,6 +18,7 @@ from pipeline.bus.records import MAX_QUERY_CHARS, InvalidQuery
 
 MAX_TOP_K = 1000
 MAX_REQUEST_ID_BYTES = 128
+MAX_ERROR_CHARS = 1000
 
 
 class BadSearchRequest(InvalidQuery):
@@ -38,9 +39,8 @@ class SearchRequest:
     top_k: int = 10
 
     def __post_init__(self) -> None:
-        if not isinstance(self.request_id, str) or not self.request_id \
-                or len(self.request_id.encode("utf-8", "replace")) > MAX_REQUEST_ID_BYTES:
-            raise BadSearchRequest(f"request_id must be a string of 1 to {MAX_REQUEST_ID_BYTES} bytes")
+        if not _request_id(self.request_id):
+            raise BadSearchRequest(f"request_id must be a string of 1 to {MAX_REQUEST_ID_BYTES} bytes of UTF-8")
         rid = self.request_id
         if self.code is None and not (isinstance(self.text, str) and self.text.strip()):
             raise BadSearchRequest("a search needs a non-empty text or a code", rid)
@@ -69,7 +69,7 @@ class SearchRequest:
         if not isinstance(obj, dict):
             raise BadSearchRequest("a search request must be a JSON object")
         request_id = obj.get("request_id")
-        rid = request_id if isinstance(request_id, str) else None
+        rid = request_id if _request_id(request_id) else None
         code = obj.get("code")
         if code is not None:
             try:
@@ -82,6 +82,8 @@ class SearchRequest:
 def encode_reply(request_id: str, hits: Sequence[dict[str, Any]], partitions: Sequence[int], error: str | None,
                  max_bytes: int) -> bytes:
     """A reply of at most ``max_bytes``: the best hits that fit (``truncated`` when some were cut)."""
+    error = None if error is None else error[:MAX_ERROR_CHARS]
+
     def reply(count: int) -> bytes:
         return json.dumps({"type": "search_reply", "request_id": request_id, "error": error,
                            "partitions": list(partitions), "hits": list(hits[:count]),
@@ -95,3 +97,13 @@ def encode_reply(request_id: str, hits: Sequence[dict[str, Any]], partitions: Se
         middle = (low + high) // 2
         low, high = (middle, high) if len(reply(middle)) <= max_bytes else (low, middle)
     return reply(low)
+
+
+def _request_id(value: Any) -> bool:
+    """Whether ``value`` can be a request id, which keys the reply."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        return len(value.encode("utf-8")) <= MAX_REQUEST_ID_BYTES
+    except UnicodeEncodeError:  # lone surrogates
+        return False
