@@ -3,13 +3,15 @@ producer takes from a checkpoint."""
 
 import argparse
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from pipeline.bus.records import extractor_id
 from pipeline.features.live import LiveFeaturizer
-from pipeline.video.multi import StreamEnded
+from pipeline.video.multi import MultiSource, StreamEnded
 from pipeline.video.source import SampledFrame
 from workers.producer import differences, use_checkpoint_extractor
 
@@ -56,3 +58,26 @@ def test_the_checkpoint_decides_the_extractor(tmp_path):
     assert use_checkpoint_extractor(argparse.Namespace(checkpoint="")) is None
     with pytest.raises(SystemExit, match="cannot read the frame extractor"):
         use_checkpoint_extractor(argparse.Namespace(checkpoint=str(tmp_path / "missing")))
+
+
+class Waiting:
+    """A source that yields nothing until stopped, like a live stream waiting to reconnect."""
+
+    def __init__(self, stream_id):
+        self.stream_id, self._stop = stream_id, threading.Event()
+
+    def __iter__(self):
+        self._stop.wait()
+        return iter(())
+
+    def stop(self):
+        self._stop.set()
+
+
+def test_batches_end_soon_after_a_stop_even_when_no_stream_yields():
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with MultiSource([Waiting("a"), Waiting("b")]) as streams:
+        assert list(streams.batches(8, stop)) == []
+    assert time.monotonic() - started < 2

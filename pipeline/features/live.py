@@ -37,7 +37,8 @@ class Featurized:
 class LiveFeaturizer:
     """Batches frames of all streams through the CNN at once and pools them into one record per stream second."""
 
-    def __init__(self, encoder: FrameEncoder, clock: Callable[[], float] = time.time, session: str | None = None) -> None:
+    def __init__(self, encoder: FrameEncoder, clock: Callable[[], float] = time.time,
+                 session: str | None = None) -> None:
         self.encoder = encoder
         rate = encoder.sample_rate
         self.pooler = SecondPooler(int(rate) if float(rate).is_integer() else None)
