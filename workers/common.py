@@ -51,7 +51,9 @@ def stop_on_signals(grace_s: float = STOP_GRACE_S) -> threading.Event:
 def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: None, lag_every_s: float = 5.0) -> int:
     """Drive an ExactlyOnceProcessor until ``stop``; between batches run side work and, every ``lag_every_s``,
     publish the consumer lag gauge. Returns the worker's exit code: 0 when stopped, ``EXIT_BUS`` when the bus
-    failed or a deadline passed (logged)."""
+    failed or a deadline passed (logged), e.g. rebuilding a partition's state could not read the log."""
+    from kafka.errors import KafkaError
+
     next_lag = 0.0
     try:
         while not stop.is_set():
@@ -61,7 +63,7 @@ def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: N
                 for tp, lag in processor.lag().items():
                     metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(lag)
                 next_lag = time.monotonic() + lag_every_s
-    except BusError as e:
+    except (BusError, KafkaError) as e:
         log.error("giving up on the bus: %s; exiting with code %d (restart the worker: it resumes from its last "
                   "commit, exactly once)", e, EXIT_BUS)
         return EXIT_BUS

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
+
     from pipeline.bus.kafka import BusError, CheckedProducer, ExactlyOnceProcessor, bootstrap_servers, \
         read_committed_consumer
     from pipeline.bus.topics import create_topics, topics
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             worker.answer(requests.poll(timeout_ms=0))
 
         return run_exactly_once(processor, stop, between_batches)
-    except BusError as e:
+    except (BusError, KafkaError) as e:  # before the loop runs: reading the queries, joining the group
         log.error("giving up on the bus: %s; exiting with code %d", e, EXIT_BUS)
         return EXIT_BUS
     finally:
