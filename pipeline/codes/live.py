@@ -118,33 +118,39 @@ class LiveCoder:
         moments: list[MomentCode] = []
         rounds = max((len(queue) for queue in per_stream.values()), default=0)
         for r in range(rounds):
-            ready = []
-            for record, origin in (queue[r] for queue in per_stream.values() if r < len(queue)):
-                self._seen[record.stream_id] = self.clock()
-                if record.t == 0 and self._sessions.get(record.stream_id) != record.session:
-                    self._drop(record.stream_id)  # a new producer session
-                    self._hold(record, origin)
-                elif self.needs_history(record):
-                    earlier = list(history(record, origin)) if history else []
-                    if record.last and any(r.t == record.t and r.session == record.session for r in earlier):
-                        continue  # the end marker of a stream whose final second this coder never held
-                    errors += self.restore(record, earlier, origin)
-                expected = self._encoder.next_second(record.stream_id)
-                if record.last and record.t == expected - 1:  # the end marker
-                    final = self._final.get(record.stream_id)
-                    moments += [replace(final, last=True, emitted_time=self.clock())] if final else []
-                    self._drop(record.stream_id)
-                    continue
-                if record.t > expected:
-                    errors.append(self._bridge(record, origin, expected))
-                if record.t == self._encoder.next_second(record.stream_id):
-                    ready.append(record)
-                else:
-                    errors.append(self._error(record, origin, OUT_OF_ORDER,
-                                              f"second {record.t} repeats or goes back (expected {expected}); skipped"))
+            ready = [record for record, origin in (queue[r] for queue in per_stream.values() if r < len(queue))
+                     if self._admit(record, origin, history, moments, errors)]
             if ready:
                 moments.extend(self._step(ready))
         return moments, errors
+
+    def _admit(self, record: FrameFeatures, origin: Origin | None, history: History | None,
+               moments: list[MomentCode], errors: list[ErrorRecord]) -> bool:
+        """Whether the record is its stream's next second, after starting, restoring or bridging the stream as its
+        session and second say; what it adds instead (an end marker's moment, error records) goes to the lists."""
+        stream_id = record.stream_id
+        self._seen[stream_id] = self.clock()
+        if record.t == 0 and self._sessions.get(stream_id) != record.session:
+            self._drop(stream_id)  # a new producer session
+            self._hold(record, origin)
+        elif self.needs_history(record):
+            earlier = list(history(record, origin)) if history else []
+            if record.last and any(e.t == record.t and e.session == record.session for e in earlier):
+                return False  # the end marker of a stream whose final second this coder never held
+            errors += self.restore(record, earlier, origin)
+        expected = self._encoder.next_second(stream_id)
+        if record.last and record.t == expected - 1:  # the end marker
+            final = self._final.get(stream_id)
+            moments += [replace(final, last=True, emitted_time=self.clock())] if final else []
+            self._drop(stream_id)
+            return False
+        if record.t > expected:
+            errors.append(self._bridge(record, origin, expected))
+        elif record.t < expected:
+            errors.append(self._error(record, origin, OUT_OF_ORDER,
+                                      f"second {record.t} repeats or goes back (expected {expected}); skipped"))
+            return False
+        return True
 
     def forget(self, partitions: Iterable[Partition]) -> None:
         """Drop the state of the streams read from ``partitions`` (they moved to another worker)."""
