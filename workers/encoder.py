@@ -72,11 +72,11 @@ class EncoderWorker:
     def transform(self, batch):
         from pipeline.bus.records import FrameFeatures
         from workers import metrics
-        from workers.common import decode_batch, error_outgoing, outgoing
+        from workers.common import decode_batch, error_outgoing, origin, outgoing
 
         started = time.perf_counter()
         decoded, origins, out = decode_batch(batch, FrameFeatures, self.names.errors)
-        self._timestamps = {(r.topic, r.partition, r.offset): r.timestamp for r in batch}
+        self._timestamps = {origin(r): r.timestamp for r in batch}
         moments, errors = self.coder.encode(decoded, origins, history=self._history)
         out += [error_outgoing(self.names.errors, e) for e in errors]
         out += [outgoing(self.names.moments, m) for m in moments]
@@ -85,13 +85,13 @@ class EncoderWorker:
         metrics.MOMENTS.inc(len(moments))
         return out
 
-    def _history(self, features, origin):
+    def _history(self, features, at):
         """The stream's feature records before this one, back one receptive field of seconds (records are
         stamped at capture, so that many seconds of record time, plus slack, usually hold them)."""
         from pipeline.bus.records import FrameFeatures, record_key
         from workers.common import key_history
 
         want = set(range(max(0, features.t - self.coder.history_seconds), features.t))
-        return key_history(origin, record_key(features), self._timestamps[tuple(origin)], FrameFeatures,
+        return key_history(at, record_key(features), self._timestamps[at], FrameFeatures,
                            2 * len(want) + 30, self.bootstrap,
                            enough=lambda found: want <= {r.t for r in found if r.session == features.session})
