@@ -21,8 +21,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.bus.kafka import at_least_once_producer, bootstrap_servers, read_committed_consumer
-from pipeline.bus.records import InvalidQuery, MatchEvent, StandingQuery, decode, encode
+from pipeline.bus.kafka import BusTimeout, at_least_once_producer, bootstrap_servers, read_committed_consumer
+from pipeline.bus.records import InvalidQuery, MalformedRecord, MatchEvent, StandingQuery, decode, encode, key_text
 from pipeline.bus.topics import topics
 from pipeline.matching.search import SearchRequest
 
@@ -59,20 +59,27 @@ class Client:
         """Delete a standing query (a tombstone on the compacted topic)."""
         self._send(query_id, None)
 
-    def queries(self) -> dict[str, StandingQuery]:
-        """The registered queries, read from the whole queries topic."""
+    def queries(self, timeout: float = 30.0) -> dict[str, StandingQuery]:
+        """The registered queries, read from the whole queries topic within ``timeout`` seconds (else
+        ``BusTimeout``). Records that are not queries are left out (the query workers report them)."""
         consumer = read_committed_consumer([self.topics.queries], bootstrap=self.bootstrap)
         try:
             ends = consumer.end_offsets(list(consumer.assignment()))
             current: dict[str, StandingQuery] = {}
+            deadline = time.monotonic() + timeout
             while any(consumer.position(tp) < end for tp, end in ends.items()):
+                if time.monotonic() > deadline:
+                    raise BusTimeout(f"reading {self.topics.queries} took more than {timeout:g} s")
                 for batch in consumer.poll(timeout_ms=500).values():
                     for record in batch:
-                        key = record.key.decode()
+                        key = key_text(record.key, "")
                         if record.value is None:
                             current.pop(key, None)
-                        else:
+                            continue
+                        try:
                             current[key] = decode(record.value, StandingQuery)
+                        except MalformedRecord:
+                            continue
             return current
         finally:
             consumer.close()
