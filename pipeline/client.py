@@ -26,21 +26,32 @@ from pipeline.bus.records import InvalidQuery, MalformedRecord, MatchEvent, Stan
 from pipeline.bus.topics import topics
 from pipeline.matching.search import SearchRequest
 
-DEFAULT_THRESHOLD = 24  # bits of a 128-bit code: a score b_s . b_v of at least 80
-
-
 class Client:
-    def __init__(self, bootstrap: str | None = None, prefix: str | None = None) -> None:
+    """``checkpoint``, where the client can read it, supplies the threshold of queries added without one: the
+    threshold calibrated with the model (its config's ``threshold``). Without it such queries are registered with
+    no threshold, and the query worker gives them its model's."""
+
+    def __init__(self, bootstrap: str | None = None, prefix: str | None = None, checkpoint: str | None = None) -> None:
         self.bootstrap = bootstrap_servers(bootstrap)
         self.topics = topics(prefix)
+        self.checkpoint = checkpoint or None
+
+    @property
+    def default_threshold(self) -> int | None:
+        """The checkpoint's calibrated threshold, None without a checkpoint or calibration."""
+        from pipeline.model.checkpoint import calibrated_threshold
+
+        return calibrated_threshold(self.checkpoint) if self.checkpoint else None
 
     def add_query(self, text: str | None = None, *, code: bytes | np.ndarray | None = None, query_id: str | None = None,
-                  threshold: int = DEFAULT_THRESHOLD) -> str:
-        """Register (or replace) a standing query given as text, or as a raw packed code; returns its id. Text
-        longer than the sentence encoder's token window is refused here (``InvalidQuery``), as the workers would."""
+                  threshold: int | None = None) -> str:
+        """Register (or replace) a standing query given as text, or as a raw packed code; returns its id. Without a
+        threshold it takes the model's calibrated one (see the class). Text longer than the sentence encoder's
+        token window is refused here (``InvalidQuery``), as the workers would."""
         from pipeline.features.sentence import TextTooLong, check_length
 
         query_id = query_id or uuid.uuid4().hex[:12]
+        threshold = self.default_threshold if threshold is None else threshold
         if code is not None:
             code = np.frombuffer(bytes(code), np.uint8) if not isinstance(code, np.ndarray) else code.astype(np.uint8)
             query = StandingQuery(query_id, text, code, code.size * 8, threshold, time.time())

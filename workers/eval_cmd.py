@@ -1,5 +1,6 @@
 """`vmh eval --checkpoint C --dataset KIND:PATH --features DIR`: recall of a checkpoint, hashed vs continuous vs
-chance, and the query side's latency. A table by default, one JSON object with --json."""
+chance, and the query side's latency; with ``--alerts``, the quality of the alerts its standing queries raise when
+every video of the split streams live at once (pipeline/training/alerts.py). A table by default, JSON with --json."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nms", type=float, default=0.5, help="threshold of the fixed-NMS protocol [%(default)s]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-ranking baseline")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--alerts", action="store_true",
+                        help="alert quality through the live encoder and matcher instead of ranking recall")
+    parser.add_argument("--thresholds", default="4:64:2",
+                        help="Hamming thresholds of the alert sweep as FIRST:LAST:STEP [%(default)s]")
+    parser.add_argument("--settle", type=int, default=3, help="the query worker's settle window, seconds [%(default)s]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
             map_location=device,
         )
         samples = build_samples(load_dataset(kind, path), features, sentences.encode, device)
+        if args.alerts:
+            report = alert_report(model, config, samples, parse_range(args.thresholds), args.settle)
+            report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, **report}
+            print(json.dumps(report) if args.json else format_alerts(report))
+            return 0
         ious = (0.1, 0.3, 0.5, 0.7) if kind == "tacos" else (0.3, 0.5, 0.7)
         recall = evaluate(model, samples, ious=ious, nms=args.nms, random_draws=RANDOM_DRAWS, seed=args.seed)
 
@@ -78,6 +89,55 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+def parse_range(text: str) -> range:
+    """FIRST:LAST:STEP (LAST included) as a range; a bad one is a ValueError naming the flag."""
+    try:
+        first, last, step = (int(part) for part in text.split(":"))
+        if first < 0 or step < 1 or last < first:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--thresholds must be FIRST:LAST:STEP with 0 <= FIRST <= LAST and STEP >= 1, got {text!r}")
+    return range(first, last + 1, step)
+
+
+def alert_report(model, config: dict[str, Any], samples, thresholds: range, settle: int) -> dict[str, Any]:
+    """The sweep, and the entry at the checkpoint's own threshold (its calibration on the validation split)."""
+    from pipeline.training.alerts import alert_sweep, best_threshold
+
+    own = config.get("threshold")
+    sweep = alert_sweep(model, samples, sorted({*thresholds, *([own] if own is not None else [])}), settle=settle,
+                        progress=True)
+    at_own = next((entry for entry in sweep if entry["threshold"] == own), None)
+    return {"model": {key: config[key] for key in ("preset", "bits", "causal")}, "settle": settle,
+            "threshold": own, "calibration": config.get("calibration"), "at_threshold": at_own,
+            "best_on_this_split": best_threshold(sweep), "sweep": sweep}
+
+
+def format_alerts(report: dict[str, Any]) -> str:
+    """The alert report as a table: one row per threshold, IoU 0.5 and 0.3."""
+    model = report["model"]
+    first = report["sweep"][0]
+    lines = [
+        f"{report['checkpoint']} (CMHN {model['preset']}, {model['bits']} bits, "
+        f"{'causal' if model['causal'] else 'bidirectional'}) on {report['dataset']}: {first['queries']} standing "
+        f"queries x {first['stream_hours'] * 3600:.0f} stream-seconds, {first['moments']} real moments, "
+        f"settle {report['settle']} s",
+        "",
+        f"{'threshold':>9} {'events':>7}   {'IoU 0.5: precision':>18} {'recall':>7} {'F1':>6} {'false/h':>8} "
+        f"{'delay p50':>9}   {'IoU 0.3: P':>10} {'R':>6} {'F1':>6}",
+    ]
+    for entry in report["sweep"]:
+        a, b = entry["IoU=0.5"], entry["IoU=0.3"]
+        mark = " <- checkpoint" if entry["threshold"] == report["threshold"] else ""
+        delay = "-" if a["delay_p50"] is None else f"{a['delay_p50']:.1f} s"
+        lines.append(f"{entry['threshold']:>9} {entry['events']:>7}   {a['precision']:>18.3f} {a['recall']:>7.3f} "
+                     f"{a['f1']:>6.3f} {a['false_per_stream_hour']:>8.0f} {delay:>9}   {b['precision']:>10.3f} "
+                     f"{b['recall']:>6.3f} {b['f1']:>6.3f}{mark}")
+    if report["threshold"] is None:
+        lines.append("\nthe checkpoint has no calibrated threshold (trained before calibration existed)")
+    return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     model, config, model_id = load_model(args.checkpoint, pick_device(args.device))
     kernels, strides = model.config.kernel_sizes, model.config.strides
     matcher = LiveMatcher(model.config.bits, model_id, text_encoder(model, SentenceEncoder()), settle=args.settle,
-                          moments_per_second=lambda second: moments_ending_at(second, kernels, strides),
+                          threshold=config.get("threshold"), moments_per_second=lambda second: moments_ending_at(second, kernels, strides),
                           longest_moment=max(kernels), archive_size=args.archive_size,
                           archive_age=args.archive_hours * 3600, idle_timeout=args.stream_idle_timeout)
     bootstrap = bootstrap_servers(args.bootstrap_servers)

@@ -18,6 +18,7 @@ _HELP = {
     "min_event": "shortest event in seconds",
     "max_event": "longest event in seconds",
     "captions_per_event": "distinct phrasings annotated per event, each its own timestamp entry",
+    "generator_version": "2: a video's events share colours, shapes and actions; 1: each event its own colour",
 }
 
 

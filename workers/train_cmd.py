@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs [default: the preset's]")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate [default: the preset's]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the video order, RReLU and dropout")
+    parser.add_argument("--videos-per-step", type=int, default=None,
+                        help="videos whose sentences and candidates are scored together each step [default: the preset's]")
+    parser.add_argument("--negative-weight", type=float, default=None,
+                        help="weight of sentence-candidate pairs from different videos [default: the preset's]")
+    parser.add_argument("--event-weight", type=float, default=None,
+                        help="extra weight of candidates that cover an event [default: the preset's]")
     parser.add_argument("--resume", action="store_true", help="continue the run at --out from its training state")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -61,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if result.epochs_run == 0:
         print(f"{args.out}: the run was already complete")
-    print(f"best validation R@1,IoU=0.5 {result.best_score:.3f} at epoch {result.best_epoch}: {result.checkpoint}")
+    print(f"best validation R@1,IoU=0.5 {result.best_score:.3f} at epoch {result.best_epoch}: {result.checkpoint}; "
+          f"alert threshold {result.threshold} bits (highest alert F1 on the validation split)")
     return 0
 
 

@@ -154,6 +154,7 @@ class StandingQuery(_Record):
     """A registered query: match every new moment within ``threshold`` bits (Hamming distance) of ``code``.
 
     ``code`` may be None for a query given only as ``text``, for the query worker to encode; ``bits`` is then 0.
+    ``threshold`` None means the serving model's own, calibrated with it (its checkpoint's ``threshold``).
     """
 
     KIND: ClassVar[str] = "query"
@@ -161,14 +162,15 @@ class StandingQuery(_Record):
     text: str | None
     code: np.ndarray | None
     bits: int
-    threshold: int
+    threshold: int | None
     created_time: float
     model: str = ""
 
     def __post_init__(self) -> None:
         try:
             _check_key("query_id", self.query_id)
-            _check_int(self, "threshold", low=0)
+            if self.threshold is not None:
+                _check_int(self, "threshold", low=0)
             _check_times(self, "created_time")
             _check_text("model", self.model, MAX_MODEL_BYTES)
         except InvalidRecord as error:
@@ -187,7 +189,7 @@ class StandingQuery(_Record):
             object.__setattr__(self, "bits", 0)
             return
         _check_code(self, InvalidQuery)
-        if self.threshold > self.bits:
+        if self.threshold is not None and self.threshold > self.bits:
             raise InvalidQuery(f"query {self.query_id!r}: threshold {self.threshold} exceeds {self.bits} bits")
 
 
@@ -389,7 +391,7 @@ def _decode_json(data: bytes) -> Record:
 
 # JSON field types by annotation (the module uses postponed annotations, so these are strings)
 _JSON_CHECKS: dict[str, tuple[type, ...]] = {
-    "str": (str,), "int": (int,), "float": (int, float), "str | None": (str, type(None)),
+    "str": (str,), "int": (int,), "int | None": (int, type(None)), "float": (int, float), "str | None": (str, type(None)),
     "np.ndarray | None": (str, type(None)), "dict[str, str | int | float | bool | None]": (dict,),
 }
 

@@ -21,9 +21,19 @@ Span = tuple[float, float]
 
 @dataclass(frozen=True)
 class Annotation:
+    """A sentence and its ground truth. ``label`` names the kind of event it describes, where a dataset knows it
+    (the synthetic one does): sentences with one label describe the same thing, so an alert for one is right
+    wherever another occurs. Without a label a sentence is only the same event as itself."""
+
     sentence: str
     spans: tuple[Span, ...]
     query_id: int | str | None = None
+    label: str | None = None
+
+    @property
+    def event(self) -> str:
+        """What counts as the same event across videos: the label, else the sentence."""
+        return self.label if self.label is not None else self.sentence
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 They differ only in units: ActivityNet gives ``duration`` and timestamps in seconds, TACoS gives
 ``num_frames``, ``fps`` and timestamps in frames. ActivityNet Captions is also the format the
-project's own synthetic datasets are written in (dump_activitynet), so other keys are ignored and
+project's own synthetic datasets are written in (dump_activitynet), with one extra optional key,
+``labels`` (parallel to ``sentences``: the kind of event each describes); other keys are ignored and
 video ids are free-form.
 """
 
@@ -38,14 +39,19 @@ def _load(path: str | Path, timebase: _Timebase, errors: list[AnnotationError] |
         with reporting(errors, path, where=f"video {video_id!r}"):
             duration, rate = timebase(entry)
             stamps, texts = field(entry, "timestamps"), field(entry, "sentences")
+            labels = entry.get("labels", [None] * len(texts)) if isinstance(entry, dict) else None
             if not isinstance(stamps, list) or not isinstance(texts, list) or len(stamps) != len(texts):
                 raise ValueError("'timestamps' and 'sentences' must be lists of the same length")
+            if not isinstance(labels, list) or len(labels) != len(texts):
+                raise ValueError("'labels' must be a list as long as 'sentences'")
             annotations = []
-            for i, (stamp, text) in enumerate(zip(stamps, texts)):
+            for i, (stamp, text, label) in enumerate(zip(stamps, texts, labels)):
                 with reporting(errors, path, where=f"video {video_id!r}, timestamps[{i}]"):
                     start, end = pair(stamp, "timestamp")
                     span = clip_span(number(start, "start") / rate, number(end, "end") / rate, duration)
-                    annotations.append(Annotation(sentence(text), (span,)))
+                    if label is not None and not isinstance(label, str):
+                        raise ValueError(f"label must be a string, got {label!r}")
+                    annotations.append(Annotation(sentence(text), (span,), label=label))
             if annotations:
                 videos.append(Video(video_id, duration, tuple(annotations)))
     return videos
@@ -75,5 +81,7 @@ def dump_activitynet(videos: Iterable[Video], path: str | Path) -> None:
         data[video.video_id] = {"duration": video.duration,
                                 "timestamps": [list(a.spans[0]) for a in video.annotations],
                                 "sentences": [a.sentence for a in video.annotations]}
+        if any(a.label is not None for a in video.annotations):
+            data[video.video_id]["labels"] = [a.label for a in video.annotations]
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f)

@@ -46,6 +46,7 @@ def text_encoder(model, sentences) -> TextEncoder:
 class LiveMatcher:
     """Standing queries, hit merging and the per-partition archives of one code space (``bits``, ``model``).
 
+    ``threshold`` is the model's calibrated one, given to queries registered without a threshold of their own.
     ``archive_size`` and ``archive_age`` bound each partition's archive; ``longest_moment`` (seconds) bounds how
     much of a stream ``restore`` replays through the merger (all of it when None).
     """
@@ -57,6 +58,7 @@ class LiveMatcher:
         encode_text: TextEncoder,
         *,
         settle: int = 3,
+        threshold: int | None = None,
         moments_per_second: Callable[[int], int] | None = None,
         longest_moment: int | None = None,
         archive_size: int = 1_000_000,
@@ -65,6 +67,7 @@ class LiveMatcher:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bits, self.model, self.encode_text, self.clock = bits, model, encode_text, clock
+        self.threshold = threshold  # the model's calibrated one, for queries registered without
         self.queries = StandingQueries(bits, model)
         self.merger = HitMerger(settle=settle)
         self.moments_per_second, self.longest_moment = moments_per_second, longest_moment
@@ -99,12 +102,18 @@ class LiveMatcher:
                 self.queries.delete(query_id)
                 continue
             try:
-                if query.code is None:
+                code = query.code
+                if code is None:
                     code = next(codes)
                     if isinstance(code, Exception):
                         raise InvalidQuery(f"query {query_id!r}: its text cannot be encoded: {code}")
-                    query = StandingQuery(query.query_id, query.text, code, self.bits, query.threshold,
-                                          query.created_time, self.model)
+                threshold = self.threshold if query.threshold is None else query.threshold
+                if threshold is None:
+                    raise InvalidQuery(f"query {query_id!r} has no threshold and model {self.model!r} has no "
+                                       "calibrated one: give it a threshold")
+                if query.code is None or query.threshold is None:
+                    query = StandingQuery(query.query_id, query.text, code, query.bits if query.code is not None
+                                          else self.bits, threshold, query.created_time, query.model or self.model)
                 self.queries.add(query)
             except InvalidQuery as e:
                 self.queries.delete(query_id)  # a query replaced by an unusable one is not kept in its old form

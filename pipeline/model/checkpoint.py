@@ -93,6 +93,28 @@ def load_checkpoint(
     return model.to(map_location).eval(), config
 
 
+def set_calibration(path: str | os.PathLike, calibration: Mapping[str, Any]) -> None:
+    """Record the checkpoint's alert threshold (``calibration["threshold"]``) and how it was chosen in its config:
+    the threshold belongs to the weights it was measured with, and standing queries without one use it."""
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot calibrate {path}: unreadable {CONFIG}: {error}") from error
+    config |= {"threshold": int(calibration["threshold"]), "calibration": dict(calibration)}
+    text = json.dumps(config, indent=2)
+    _replace(path / CONFIG, lambda f: f.write(text.encode()))
+
+
+def calibrated_threshold(path: str | os.PathLike) -> int | None:
+    """The checkpoint's calibrated alert threshold, read from its config alone (no weights), or None."""
+    try:
+        threshold = json.loads((Path(path) / CONFIG).read_text()).get("threshold")
+    except (OSError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"cannot read the threshold of checkpoint {path}: {error}") from error
+    return threshold if isinstance(threshold, int) and not isinstance(threshold, bool) else None
+
+
 def _mismatches(
     config: dict[str, Any], preset: str | None, extractor: Mapping[str, Any] | None, sentence_encoder: str | None
 ) -> list[tuple[str, Any, Any]]:

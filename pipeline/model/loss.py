@@ -31,14 +31,19 @@ def target_iou(
     return torch.from_numpy(ground_truth_iou(candidates, truths)).to(torch.get_default_dtype())
 
 
-def cmhn_loss(h_s: torch.Tensor, h_v: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
+def cmhn_loss(h_s: torch.Tensor, h_v: torch.Tensor, iou: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """L1 + L2 over relaxed sentence codes [M, B], candidate codes [N, B] and targets S [M, N], summed:
-    L1 = sum_ij (h_s,i . h_v,j - B S_ij)^2, L2 = sum ||h - sign(h)||^2 over both modalities (sign detached)."""
+    L1 = sum_ij w_ij (h_s,i . h_v,j - B S_ij)^2, L2 = sum ||h - sign(h)||^2 over both modalities (sign detached).
+    The weights w [M, N] (1 without them, as published) let many cross-video negatives count as much as the
+    sentence's own video rather than drown it."""
     bits = h_s.shape[-1]
     if h_s.dim() != 2 or h_v.dim() != 2 or h_v.shape[1] != bits or iou.shape != (h_s.shape[0], h_v.shape[0]):
         raise ValueError(
             f"expected h_s [M, B], h_v [N, B], iou [M, N]; got {list(h_s.shape)}, {list(h_v.shape)}, {list(iou.shape)}"
         )
-    l1 = (h_s @ h_v.T - bits * iou).square().sum()
+    if weight is not None and weight.shape != iou.shape:
+        raise ValueError(f"expected weight {list(iou.shape)}, got {list(weight.shape)}")
+    l1 = (h_s @ h_v.T - bits * iou).square()
+    l1 = (l1 if weight is None else l1 * weight).sum()
     l2 = (h_s - h_s.sign().detach()).square().sum() + (h_v - h_v.sign().detach()).square().sum()
     return l1 + l2

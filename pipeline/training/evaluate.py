@@ -40,6 +40,19 @@ class Sample:
     sentences: tuple[str, ...]
     sentence_vectors: torch.Tensor  # float32 [M, S]
     ground_truth: tuple[np.ndarray, ...]  # per sentence [g, 2]
+    events: tuple[str, ...] = ()  # per sentence, Annotation.event; empty: each sentence is only itself
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """What each sentence is the same thing as in other videos."""
+        return self.events or self.sentences
+
+    def event_spans(self) -> dict[str, np.ndarray]:
+        """Every event of the video and its spans [g, 2], over all sentences that describe it."""
+        spans: dict[str, list[np.ndarray]] = {}
+        for event, truth in zip(self.kinds, self.ground_truth):
+            spans.setdefault(event, []).append(truth)
+        return {event: np.concatenate(parts) for event, parts in spans.items()}
 
 
 def build_samples(videos: Sequence[Video], features: FeatureSet, encode: Encode, device: torch.device) -> list[Sample]:
@@ -64,6 +77,7 @@ def build_samples(videos: Sequence[Video], features: FeatureSet, encode: Encode,
             tuple(a.sentence for a in video.annotations),
             vectors[start : start + count].to(device),
             tuple(np.asarray(a.spans, dtype=np.float64) for a in video.annotations),
+            tuple(a.event for a in video.annotations),
         ))  # fmt: skip
         start += count
     return samples

@@ -1,4 +1,14 @@
-"""Train CMHN as the reference does: Adam, one video with all its sentences per step, the summed CMHN loss.
+"""Train CMHN as the reference does: Adam, one video with all its sentences per step, the summed CMHN loss; or, for
+standing queries, a few videos a step with every sentence scored against every video's candidates.
+
+The reference only ever shows a sentence the candidates of its own video, so nothing teaches it to stay far from a
+look-alike moment of another video, which is most of what a live stream holds. With ``videos_per_step`` > 1 the
+target of sentence i and candidate j of any video of the step is the IoU of j with that video's moments of the same
+event (``Sample.events``: another phrasing of the same thing counts), 0 where the event does not happen, and
+``negative_weight`` scales the pairs of other videos so their number does not drown the sentence's own video.
+``event_weight`` a weighs a pair (i, j) by 1 + a * (j's best IoU with any moment of its video): the candidates
+that cover some event are where a sentence must tell its own event from look-alikes, while the many candidates of
+empty stretches are easy zeros that would otherwise dominate the sum.
 
 Each epoch visits the training videos in an order drawn from (seed, epoch), then scores the validation split with
 binary codes (R@1 at IoU 0.5); the best epoch's weights are the checkpoint. After every epoch a training-state file
@@ -18,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.model import (CMHN, build_cmhn, candidate_spans, cmhn_loss, get_preset, save_checkpoint, smooth_sign,
-                            target_iou)
+from pipeline.model import (CMHN, build_cmhn, candidate_spans, cmhn_loss, get_preset, load_checkpoint, save_checkpoint,
+                            smooth_sign, target_iou)
+from pipeline.model.checkpoint import calibrated_threshold, set_calibration
+from pipeline.training.alerts import calibrate
 from pipeline.training.evaluate import Sample, hashed_recall
 
 log = logging.getLogger(__name__)
@@ -42,6 +54,15 @@ class TrainOptions:
     epochs: int | None = None
     lr: float | None = None
     seed: int = 0
+    videos_per_step: int = 1
+    negative_weight: float = 1.0
+    event_weight: float = 0.0
+    contrastive_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.videos_per_step < 1 or not self.negative_weight >= 0 or not self.event_weight >= 0:
+            raise TrainError(f"need videos_per_step >= 1, negative_weight >= 0 and event_weight >= 0, got "
+                             f"{self.videos_per_step}, {self.negative_weight} and {self.event_weight}")
 
     def resolved(self) -> TrainOptions:
         config = get_preset(self.preset)
@@ -60,6 +81,7 @@ class TrainResult:
     best_score: float  # validation R@1 at IoU 0.5 of the saved weights
     epochs_run: int  # in this invocation; 0 when a resumed run was already complete
     history: list[dict[str, float]]  # per epoch: epoch, loss (mean per video), val
+    threshold: int | None = None  # the alert threshold calibrated on the validation split
 
 
 def state_path(checkpoint: str | os.PathLike) -> Path:
@@ -98,22 +120,27 @@ def train(
         start, best_epoch, best_score, history = _restore(state_path(out), run, model, optimizer, device)
     elif state_path(out).exists():
         log.warning("starting over: %s holds an earlier run (pass --resume to continue it)", state_path(out))
-    targets = [_targets(model, sample) for sample in train_samples]
-    extra = dict(extra or {}) | {"seed": options.seed, "lr": options.lr, "epochs": options.epochs}
+    targets = Targets(model, train_samples)
+    extra = dict(extra or {}) | {"seed": options.seed, "lr": options.lr, "epochs": options.epochs,
+                                 "videos_per_step": options.videos_per_step, "negative_weight": options.negative_weight,
+                                 "event_weight": options.event_weight}
 
-    steps = len(train_samples)
-    with tqdm(total=(options.epochs - start) * steps, desc="training", unit="video", disable=not progress) as bar:
+    videos, per_step = len(train_samples), options.videos_per_step
+    with tqdm(total=(options.epochs - start) * videos, desc="training", unit="video", disable=not progress) as bar:
         for epoch in range(start + 1, options.epochs + 1):
             model.train()
-            total = 0.0
-            for step, i in enumerate(np.random.default_rng([options.seed, epoch]).permutation(steps), 1):
-                loss = _loss(model, train_samples[i], targets[i])
+            total, steps = 0.0, 0
+            order = np.random.default_rng([options.seed, epoch]).permutation(videos)
+            for first in range(0, videos, per_step):
+                group = order[first : first + per_step].tolist()
+                target, weight = targets.of(group, options.negative_weight, options.event_weight)
+                loss = _loss(model, [train_samples[i] for i in group], target, weight, options.contrastive_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.item()
-                bar.set_postfix(_postfix(epoch, options.epochs, total / step, best_score))
-                bar.update()
+                total, steps = total + loss.item() / len(group), steps + 1
+                bar.set_postfix(_postfix(epoch, options.epochs, total / steps, best_score))
+                bar.update(len(group))
             score = hashed_recall(model, val_samples)
             history.append({"epoch": epoch, "loss": total / steps, "val": score})
             log.info("epoch done", extra={"fields": history[-1]})
@@ -123,7 +150,10 @@ def train(
                                 extra | {"best_epoch": epoch, f"val {VALIDATION_METRIC}": score})  # fmt: skip
             bar.set_postfix(_postfix(epoch, options.epochs, total / steps, best_score))
             _save_state(state_path(out), run, epoch, model, optimizer, best_epoch, best_score, history)
-    return TrainResult(out, best_epoch, best_score, max(options.epochs - start, 0), history)
+    epochs_run = max(options.epochs - start, 0)
+    if epochs_run or calibrated_threshold(out) is None:
+        set_calibration(out, calibrate(load_checkpoint(out, map_location=device)[0], val_samples))
+    return TrainResult(out, best_epoch, best_score, epochs_run, history, calibrated_threshold(out))
 
 
 def _postfix(epoch: int, epochs: int, loss: float, best: float) -> dict[str, str]:
@@ -137,16 +167,66 @@ def _model(options: TrainOptions, sample: Sample, device: torch.device) -> CMHN:
     return build_cmhn(options.preset, bits=options.bits, causal=options.causal, **dims).to(device)
 
 
-def _targets(model: CMHN, sample: Sample) -> torch.Tensor:
-    """S [M, N]: each sentence's IoU with each candidate, fixed for the whole run."""
-    spans = candidate_spans(len(sample.video), model.config.kernel_sizes, model.config.strides)
-    return target_iou(sample.ground_truth, spans).to(sample.video)
+class Targets:
+    """S and the pair weights of any group of training videos: sentence i of video a against candidate j of video
+    b is the IoU of j with b's moments of i's event. Blocks are computed once and kept for the run."""
+
+    def __init__(self, model: CMHN, samples: Sequence[Sample]) -> None:
+        config = model.config
+        self.samples = samples
+        self.spans = [candidate_spans(len(s.video), config.kernel_sizes, config.strides) for s in samples]
+        self.events = [s.event_spans() for s in samples]
+        self.eventness = [torch.from_numpy(target_iou(list(events.values()), spans).numpy().max(0)).to(s.video)
+                          for events, spans, s in zip(self.events, self.spans, samples)]
+        self._blocks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def block(self, a: int, b: int) -> torch.Tensor:
+        """[M_a, N_b] targets of video a's sentences against video b's candidates."""
+        if (a, b) not in self._blocks:
+            sample, events = self.samples[a], self.events[b]
+            target = torch.zeros(len(sample.sentences), len(self.spans[b]))
+            rows = [i for i, event in enumerate(sample.kinds) if event in events]
+            if rows:
+                target[rows] = target_iou([events[sample.kinds[i]] for i in rows], self.spans[b]).to(target)
+            self._blocks[a, b] = target.to(sample.video)
+        return self._blocks[a, b]
+
+    def of(self, group: Sequence[int], negative_weight: float, event_weight: float
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S, weights) of a group; the weights are None, the published loss, for one video and no event weight."""
+        target = torch.cat([torch.cat([self.block(a, b) for b in group], dim=1) for a in group])
+        if len(group) == 1 and not event_weight:
+            return target, None
+        weight = torch.cat([torch.cat([(1.0 if a == b else negative_weight) * (1 + event_weight * self.eventness[b])
+                                       .expand_as(self.block(a, b)) for b in group], dim=1) for a in group])
+        return target, weight
 
 
-def _loss(model: CMHN, sample: Sample, target: torch.Tensor) -> torch.Tensor:
-    h_v = smooth_sign(model.ven(sample.video))
-    h_s = smooth_sign(model.qen(sample.sentence_vectors))
-    return cmhn_loss(h_s, h_v, target)
+def _loss(model: CMHN, group: Sequence[Sample], target: torch.Tensor, weight: torch.Tensor | None,
+          contrastive_weight: float = 0.0) -> torch.Tensor:
+    h_v = smooth_sign(torch.cat([model.ven(sample.video) for sample in group]))
+    h_s = smooth_sign(model.qen(torch.cat([sample.sentence_vectors for sample in group])))
+    loss = cmhn_loss(h_s, h_v, target, weight)
+    if contrastive_weight:
+        loss = loss + contrastive_weight * contrastive_loss(h_s @ h_v.T, target >= 0.5)
+    return loss
+
+
+TEMPERATURE = 8.0  # of code inner products, which span -B..B
+
+
+def contrastive_loss(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Multi-positive InfoNCE both ways over inner products [M, N]: each sentence against all candidates of the
+    step, and each candidate that covers an event against all sentences, the ones of its event being positive."""
+    logits = scores / TEMPERATURE
+    masked = logits.masked_fill(~positive, float("-inf"))
+    total = logits.new_zeros(())
+    for dim in (1, 0):
+        rows = positive.any(dim=dim)
+        if rows.any():
+            gain = torch.logsumexp(masked, dim=dim) - torch.logsumexp(logits, dim=dim)
+            total = total - gain[rows].sum()
+    return total
 
 
 def _run_record(

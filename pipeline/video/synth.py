@@ -5,6 +5,11 @@ moment [start, end) in seconds, on the frame grid, with several captions ("a red
 red disc slides left", ...). Shapes are large and saturated on a near-neutral grey, so the signal is learnable by a
 small temporal model on ImageNet frame features, and checkable by colour in decoded frames.
 
+Generator version 2 (the default) makes a caption's every word count: the events of a video share colours, shapes
+and actions with one another (a red circle rising beside a red square rising and a blue square sinking), so neither
+training nor a standing query can get by on colour alone. Version 1, whose events all differ in colour, stays
+reproducible with ``generator_version=1``. Every annotation carries its event's label ("red circle up").
+
 ``build_dataset`` writes ``videos/<video_id>.mp4``, ActivityNet Captions style ``train.json``, ``val.json`` and
 ``test.json`` ({video_id: {"duration", "timestamps", "sentences"}}) and, last, ``manifest.json``.
 """
@@ -26,7 +31,8 @@ from pipeline.datasets import Annotation, Video, dump_activitynet
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+GENERATOR_VERSIONS = (1, 2)
 SPLITS = ("train", "val", "test")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -103,8 +109,11 @@ class SynthConfig:
     min_event: float = 2.0
     max_event: float = 12.0
     captions_per_event: int = 1
+    generator_version: int = GENERATOR_VERSION
 
     def __post_init__(self) -> None:
+        if self.generator_version not in GENERATOR_VERSIONS:
+            raise SynthError(f"generator_version must be one of {GENERATOR_VERSIONS}, got {self.generator_version}")
         if min(self.train, self.val, self.test) < 0:
             raise SynthError(f"video counts must be >= 0, got {self.train}/{self.val}/{self.test}")
         _check_frame(self.fps, self.size)
@@ -117,7 +126,8 @@ class SynthConfig:
             raise SynthError(f"captions_per_event must be in 1..{PHRASINGS}, got {self.captions_per_event}")
 
     def manifest(self) -> dict:
-        return {"generator": "vmh-synth", "version": GENERATOR_VERSION, **asdict(self)}
+        fields = asdict(self)
+        return {"generator": "vmh-synth", "version": fields.pop("generator_version"), **fields}
 
 
 def _check_frame(fps: int, size: int) -> None:
@@ -133,6 +143,11 @@ def describe(event: Event) -> list[str]:
         raise SynthError(f"unknown event kind: {event.shape!r}, {event.colour!r}, {event.action!r}")
     pairs = product(NOUNS[event.shape], VERBS[event.action])
     return [f"{'a' if i % 2 == 0 else 'the'} {event.colour} {noun} {verb}" for i, (noun, verb) in enumerate(pairs)]
+
+
+def label(event: Event) -> str:
+    """The kind of an event, e.g. "red circle left": what all its phrasings have in common."""
+    return f"{event.colour} {event.shape} {event.action}"
 
 
 def sample_events(
@@ -158,6 +173,42 @@ def sample_events(
         shape, action = str(rng.choice(list(NOUNS))), str(rng.choice(list(VERBS)))
         geometry = _geometry(rng, action)
         events.append(Event(shape, str(colour), action, first / fps, (first + length) / fps, *geometry))
+    return sorted(events, key=lambda e: (e.start, e.end))
+
+
+def sample_confusable_events(
+    rng: np.random.Generator,
+    duration: float,
+    fps: int,
+    max_events: int = 4,
+    min_length: float = 2.0,
+    max_length: float = 12.0,
+) -> list[Event]:
+    """2..max_events events of distinct kinds, each after the first sharing one or two of colour, shape and action
+    with an earlier one, so that only the whole caption tells them apart. Spans as in ``sample_events``."""
+    n_frames = round(duration * fps)
+    lo, hi = round(min_length * fps), round(max_length * fps)
+    if not 1 <= lo <= hi <= n_frames or max_events < 2:
+        raise SynthError(
+            f"cannot fit 2..{max_events} events of {min_length}-{max_length} s into {duration} s at {fps} fps"
+        )
+    choices = {"colour": list(COLOURS), "shape": list(NOUNS), "action": list(VERBS)}
+    kinds: list[dict[str, str]] = []
+    while len(kinds) < int(rng.integers(2, max_events + 1)):
+        kind = {name: str(rng.choice(values)) for name, values in choices.items()}
+        if kinds:
+            parent = kinds[int(rng.integers(len(kinds)))]
+            for name in rng.choice(list(choices), size=int(rng.integers(1, 3)), replace=False):
+                kind[name] = parent[name]
+        if kind not in kinds:
+            kinds.append(kind)
+    events = []
+    for kind in kinds:
+        length = int(rng.integers(lo, hi + 1))
+        first = int(rng.integers(0, n_frames - length + 1))
+        geometry = _geometry(rng, kind["action"])
+        events.append(Event(kind["shape"], kind["colour"], kind["action"], first / fps, (first + length) / fps,
+                            *geometry))
     return sorted(events, key=lambda e: (e.start, e.end))
 
 
@@ -257,7 +308,8 @@ def sample_video(rng: np.random.Generator, config: SynthConfig) -> VideoSpec:
     background seed, all drawn from `rng`."""
     lo, hi = round(config.min_duration * config.fps), round(config.max_duration * config.fps)
     duration = int(rng.integers(lo, hi + 1)) / config.fps
-    events = sample_events(rng, duration, config.fps, min_length=config.min_event, max_length=config.max_event)
+    sampler = sample_events if config.generator_version == 1 else sample_confusable_events
+    events = sampler(rng, duration, config.fps, min_length=config.min_event, max_length=config.max_event)
     picks = [rng.choice(PHRASINGS, size=config.captions_per_event, replace=False) for _ in events]
     captions = [describe(e)[i] for e, chosen in zip(events, picks) for i in chosen]
     return VideoSpec(duration, events, captions, int(rng.integers(2**31)))
@@ -266,8 +318,8 @@ def sample_video(rng: np.random.Generator, config: SynthConfig) -> VideoSpec:
 def as_video(video_id: str, spec: VideoSpec) -> Video:
     """A sampled video as the datasets' shape: one annotation per caption, with its event's span."""
     per_event = len(spec.captions) // len(spec.events)
-    spans = [(e.start, e.end) for e in spec.events for _ in range(per_event)]
-    annotations = tuple(Annotation(c, (span,)) for c, span in zip(spec.captions, spans))
+    events = [e for e in spec.events for _ in range(per_event)]
+    annotations = tuple(Annotation(c, ((e.start, e.end),), label=label(e)) for c, e in zip(spec.captions, events))
     return Video(video_id, spec.duration, annotations)
 
 
