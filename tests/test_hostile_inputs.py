@@ -186,7 +186,7 @@ def test_an_overlong_query_is_refused_where_it_enters_and_where_it_is_used(syste
     # written past the client, straight onto the compacted queries topic
     system.send(system.names.queries, [StandingQuery("cjk", text, None, 0, 24, time.time())])
     errors = system.errors(lambda e: e.source == "cjk")
-    assert [e.kind for e in errors if e.source == "cjk"] == ["bad_query"]
+    assert [(e.kind, e.context["topic"]) for e in errors if e.source == "cjk"] == [("bad_query", system.names.queries)]
     system.assert_healthy()
 
 

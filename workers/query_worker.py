@@ -104,20 +104,21 @@ class QueryWorker:
         """Apply new records of the queries topic; ``to_end`` reads up to its current end first (at start-up).
         Queries that cannot be used become error records."""
         from pipeline.bus.records import BAD_QUERY, MalformedRecord, StandingQuery, decode, key_text
-        from workers.common import error_at
+        from workers.common import error_at, origin
 
         errors = []
         ends = consumer.end_offsets(list(consumer.assignment())) if to_end else {}
         while True:
-            changes = []
+            changes, origins = [], []
             for batch in consumer.poll(timeout_ms=200 if to_end else 0).values():
                 for record in batch:
                     try:
                         query = None if record.value is None else decode(record.value, StandingQuery)
                         changes.append((key_text(record.key, "unknown"), query))
+                        origins.append(origin(record))
                     except MalformedRecord as e:
                         errors.append(error_at(record, BAD_QUERY, f"malformed query record: {e}"))
-            errors += self.matcher.apply_queries(changes)
+            errors += self.matcher.apply_queries(changes, origins)
             if not to_end or all(consumer.position(tp) >= end for tp, end in ends.items()):
                 break
         self._publish_errors(errors)

@@ -90,14 +90,15 @@ class LiveMatcher:
         longest = self.longest_moment
         return int(np.ceil(longest / self.merger.min_iou)) + self.merger.settle + longest
 
-    def apply_queries(self, changes: Sequence[tuple[str, StandingQuery | None]]) -> list[ErrorRecord]:
+    def apply_queries(self, changes: Sequence[tuple[str, StandingQuery | None]],
+                      origins: Sequence[Origin] | None = None) -> list[ErrorRecord]:
         """Apply (query id, query or None for a tombstone) changes in log order; text-only queries get their code
         here, all of a batch in one encoder call. A query that cannot be used, for whatever reason, becomes an
-        error record and the others are applied."""
+        error record (citing ``origins[i]``, where ``changes[i]`` was read) and the others are applied."""
         texts = [q.text for _, q in changes if q is not None and q.code is None]
         codes = iter(self._encode_texts(texts))
         errors = []
-        for query_id, query in changes:
+        for (query_id, query), origin in zip(changes, origins if origins is not None else [None] * len(changes)):
             if query is None:
                 self.queries.delete(query_id)
                 continue
@@ -117,7 +118,9 @@ class LiveMatcher:
                 self.queries.add(query)
             except InvalidQuery as e:
                 self.queries.delete(query_id)  # a query replaced by an unusable one is not kept in its old form
-                errors.append(ErrorRecord(source=query_id, kind=BAD_QUERY, message=str(e), time=self.clock()))
+                errors.append(ErrorRecord(source=query_id, kind=BAD_QUERY, time=self.clock(),
+                                          message=f"{origin}: {e}" if origin else str(e),
+                                          context=origin.context() if origin else {}))
         return errors
 
     def process(self, moments: Sequence[MomentCode], origins: Sequence[Origin] | None = None,
