@@ -35,7 +35,7 @@ STREAMS = [
 
 
 def test_truth_follows_events_not_phrasings() -> None:
-    truth = Truth.of(STREAMS, extra_queries=[("a purple star shrinks", "purple star shrink")])
+    truth = Truth.of_samples(STREAMS, extra_queries=[("a purple star shrinks", "purple star shrink")])
     assert set(truth.queries) == {"a red circle rises", "a blue star sinks", "the red disc rises", "a green box grows",
                                   "a purple star shrinks"}
     # both phrasings of the red circle happen on a and b; the absent query nowhere
@@ -45,7 +45,7 @@ def test_truth_follows_events_not_phrasings() -> None:
 
 
 def test_score_counts_doubles_wrong_streams_and_other_phrasings() -> None:
-    truth = Truth.of(STREAMS)
+    truth = Truth.of_samples(STREAMS)
     alerts = [
         Alert("a red circle rises", "a", 10, 20, 5, 23),  # right
         Alert("a red circle rises", "a", 11, 19, 6, 24),  # the same real moment again: false
@@ -66,7 +66,7 @@ def test_score_counts_doubles_wrong_streams_and_other_phrasings() -> None:
 
 
 def test_a_loose_event_is_right_only_at_the_lower_iou() -> None:
-    truth = Truth.of(STREAMS)
+    truth = Truth.of_samples(STREAMS)
     report = score_alerts([Alert("a green box grows", "c", 5, 14, 3, 16)], truth, ious=(0.5, 0.3))  # IoU 4/9
     assert report["IoU=0.5"]["right"] == 0 and report["IoU=0.3"]["right"] == 1
 

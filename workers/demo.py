@@ -1,136 +1,103 @@
-"""`vmh demo`: the main job on a fresh machine.
+"""`vmh demo`: the main job on a fresh machine, and an honest measure of what the product does.
 
-The first run renders a small synthetic dataset, extracts its features through the producer's frame path, trains
-the lite model and calibrates a match threshold, all cached under <cache-dir>/demo. Every run then starts the
-broker (unless one is given) and the workers, registers the captions of a held-out video as standing text queries,
-pushes that video as a live stream in real time and prints each match event as it arrives, marked hit or miss
-against the ground truth, then a summary. It is a script of the user-facing commands (synth, extract, train, up,
-query add, push, subscribe), run in-process.
+The first run renders a synthetic dataset, extracts its features through the producer's frame path and trains the
+lite model, whose alert threshold training calibrates on the validation split; all of it is cached under
+<cache-dir>/demo. Every run then starts the broker (unless one is given) and the workers, registers every caption of
+the first held-out videos as a standing query, plus captions of events that happen in none of them, pushes those
+videos as live streams at once in real time and prints each match event as it arrives, marked right or wrong
+against the ground truth (pipeline/training/alerts.py, the same judge as `vmh eval --alerts`), then the summary:
+event precision, moment recall and false events per stream-hour. It is a script of the user-facing commands (synth,
+extract, train, up, query add, push, subscribe), run in-process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
+import logging
 import time
 import uuid
 from pathlib import Path
 
 from pipeline.settings import add_settings
 
-# the demo's extractor: cheaper than the defaults so the first run trains in minutes on two cores
+# the demo's recipe: cheaper than the defaults so that a first run trains in minutes on two cores
 SAMPLE_RATE, FRAME_SIZE = 2.0, 160
-DATASET = ["--seed", "7"]  # the default 120 / 30 / 30 videos of 20-40 s
-EPOCHS = 20
-HIT_IOU = 0.3  # an event counts as a hit when it overlaps the query's ground truth at least this much
+DATASET = ["--seed", "7"]  # the default split sizes, generator version 2
+TRAINING = ["--preset", "lite", "--epochs", "20"]
+STREAMS = 6  # held-out videos streamed at once: the first of the test split, not picked
+ABSENT = 4  # standing queries whose event happens in none of the streams
+RECIPE = {"dataset": DATASET, "extractor": [SAMPLE_RATE, FRAME_SIZE], "training": TRAINING, "version": 2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "cache-dir", "bootstrap-servers", "broker-port")
-    parser.add_argument("--video", type=int, default=0, help="which held-out test video to stream")
+    parser.add_argument("--streams", type=int, default=STREAMS, help="held-out videos to stream at once [%(default)s]")
     parser.add_argument("--retrain", action="store_true", help="train again even if a model is cached")
 
 
-def prepare(cache: Path, retrain: bool = False) -> tuple[Path, int]:
-    """Dataset, features, checkpoint and threshold, each made once and then reused; returns (checkpoint, threshold)."""
+def prepare(cache: Path, retrain: bool = False) -> Path:
+    """Dataset, features and calibrated checkpoint, each made once and then reused; returns the checkpoint."""
+    from pipeline.training.train import state_path
     from workers import cli
 
-    data, features, model = cache / "data", cache / "features", cache / "model"
+    data, features, model = cache / "synth-v2", cache / f"features-{FRAME_SIZE}px-{SAMPLE_RATE:g}fps", cache / "model"
     extractor = ["--sample-rate", str(SAMPLE_RATE), "--frame-size", str(FRAME_SIZE)]
     _step("rendering the synthetic dataset", cli.main(["synth", "--out", str(data), *DATASET]))
     _step("extracting features", cli.main(["extract", str(data / "videos"), "--out", str(features), *extractor]))
-    trained = cache / "trained.json"  # written once training has run all its epochs
-    if retrain or not trained.is_file():
-        from pipeline.training.train import state_path
-
-        resume = ["--resume"] if state_path(model).is_file() and not retrain else []
+    trained = cache / "trained.json"  # the recipe of the cached model, written once training has run all its epochs
+    done = trained.is_file() and json.loads(trained.read_text()).get("recipe") == RECIPE
+    if retrain or not done:
+        resume = ["--resume"] if state_path(model).is_file() and trained.is_file() is False and not retrain else []
+        trained.unlink(missing_ok=True)
         _step("training the lite model", cli.main([
             "train", "--dataset", f"activitynet:{data / 'train.json'}", "--features", str(features),
-            "--out", str(model), "--preset", "lite", "--epochs", str(EPOCHS), *resume]))
-        (cache / "threshold.json").unlink(missing_ok=True)
-        trained.write_text(json.dumps({"epochs": EPOCHS}))
-    threshold_file = cache / "threshold.json"
-    if not threshold_file.is_file():
-        threshold_file.write_text(json.dumps({"threshold": calibrate(model, data, features)}))
-    return model, json.loads(threshold_file.read_text())["threshold"]
-
-
-def calibrate(checkpoint: Path, data: Path, features: Path) -> int:
-    """The Hamming threshold that best separates, on the validation split, each sentence's nearest candidate inside
-    its ground truth (IoU >= 0.5) from its nearest candidate outside it (IoU < 0.1): the rate inside minus twice the
-    rate outside, since a standing query that fires on the wrong moment costs its subscriber more than a miss."""
-    import numpy as np
-
-    from pipeline.datasets import load_dataset
-    from pipeline.features.sentence import SentenceEncoder
-    from pipeline.model import load_checkpoint
-    from pipeline.training.evaluate import build_samples, score_video
-    from pipeline.training.extract import FeatureSet
-    from pipeline.spans import ground_truth_iou
-
-    model, _ = load_checkpoint(checkpoint)
-    bits = model.config.bits
-    samples = build_samples(load_dataset("activitynet", data / "val.json"), FeatureSet.open(features),
-                            SentenceEncoder(cache_dir=str(data.parent)).encode, model_device(model))
-    inside, outside = [], []
-    for sample in samples:
-        spans, hashed, _ = score_video(model, sample)
-        distance = (bits - hashed) / 2
-        iou = ground_truth_iou(spans, sample.ground_truth)
-        inside += np.where(iou >= 0.5, distance, np.inf).min(axis=1).tolist()
-        outside += np.where(iou < 0.1, distance, np.inf).min(axis=1).tolist()
-    inside, outside = np.asarray(inside), np.asarray(outside)
-    thresholds = np.arange(bits // 2)
-    j = (inside[None] <= thresholds[:, None]).mean(1) - 2 * (outside[None] <= thresholds[:, None]).mean(1)
-    return int(thresholds[np.argmax(j)])
-
-
-def model_device(model):
-    return next(model.parameters()).device
+            "--out", str(model), *TRAINING, *resume]))
+        trained.write_text(json.dumps({"recipe": RECIPE}))
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.client import Client
     from pipeline.datasets import load_dataset
+    from pipeline.model.checkpoint import calibrated_threshold
+    from pipeline.training.alerts import AlertJudge, Truth
     from workers.up import start_system, wait_until_consuming
-
-    import logging
 
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the demo prints its own story; workers log to stderr
     cache = Path(args.cache_dir) / "demo"
-    checkpoint, threshold = prepare(cache, args.retrain)
-    # held-out videos whose moments do not overlap (each query has one clear answer), the most moments first
-    videos = sorted(load_dataset("activitynet", cache / "data" / "test.json"),
-                    key=lambda v: (_overlapping(v), -len(v.annotations), v.video_id))
-    video = videos[args.video % len(videos)]
-    others = [a for v in videos if v is not video for a in v.annotations]
-    distractors = random.Random(args.video).sample(others, k=min(2, len(others)))
-    print(f"\nstreaming held-out video {video.video_id} ({video.duration:.0f} s) in real time; "
-          f"match threshold {threshold} bits")
+    checkpoint = prepare(cache, args.retrain)
+    test = sorted(load_dataset("activitynet", cache / "synth-v2" / "test.json"), key=lambda v: v.video_id)
+    streamed, others = test[: args.streams], test[args.streams :]
+    present = {a.event for v in streamed for a in v.annotations}
+    absent: dict[str, str] = {}
+    for annotation in (a for v in others for a in v.annotations if a.event not in present):
+        if len(absent) < ABSENT and annotation.event not in absent.values():
+            absent[annotation.sentence] = annotation.event
+    truth = Truth.of(streamed, extra_queries=absent.items())
+    threshold = calibrated_threshold(checkpoint)
+    print(f"\nstreaming {len(streamed)} held-out videos live at once ({truth.stream_seconds:.0f} stream-seconds) "
+          f"against {len(truth.queries)} standing queries ({len(absent)} of events in none of them); threshold "
+          f"{threshold} bits, calibrated on the validation split")
+
     prefix = f"demo-{uuid.uuid4().hex[:6]}"
     up_args = argparse.Namespace(sources=[], realtime=True, loop=False, checkpoint=str(checkpoint),
                                  bootstrap_servers=args.bootstrap_servers, broker_port=args.broker_port,
                                  topic_prefix=prefix, metrics_port=0, cache_dir=args.cache_dir)
-    os.environ.update(VMH_SAMPLE_RATE=str(SAMPLE_RATE), VMH_FRAME_SIZE=str(FRAME_SIZE), VMH_LOG_LEVEL="ERROR")
     system, bootstrap, own_broker = start_system(up_args, checkpoint)
     try:
-        client = Client(bootstrap, prefix)
-        queries = {}
-        for i, annotation in enumerate(video.annotations):
-            queries[client.add_query(annotation.sentence, query_id=f"q{i}", threshold=threshold)] = annotation
-        for i, annotation in enumerate(distractors):
-            queries[client.add_query(annotation.sentence, query_id=f"absent{i}", threshold=threshold)] = None
-        for query_id, annotation in queries.items():
-            truth = "not in this video" if annotation is None else _spans(annotation.spans)
-            text = (annotation or distractors[int(query_id.removeprefix("absent"))]).sentence
-            print(f"  query {query_id}: {text!r} ({truth})")
+        client = Client(bootstrap, prefix, checkpoint=str(checkpoint))
+        ids = {client.add_query(text, query_id=f"q{i}"): text for i, text in enumerate(truth.queries)}
+        for query_id, text in ids.items():
+            where = sorted(stream for (query, stream) in truth.moments if query == text) or ["none"]
+            print(f"  {query_id:>4}: {text!r} (on {', '.join(where)})")
         subscription = client.subscribe(from_beginning=True)
         wait_until_consuming(bootstrap, [f"{prefix}-encoder", f"{prefix}-query"])
-        producer = system.start("producer", "producer", f"{video.video_id}={cache / 'data' / 'videos' / video.video_id}.mp4",
-                                "--realtime")
-        summary = _follow(subscription, producer, queries, video.duration)
+        sources = [f"{v.video_id}={cache / 'synth-v2' / 'videos' / v.video_id}.mp4" for v in streamed]
+        judge = AlertJudge(truth)
+        started = time.time()
+        producer = system.start("producer", "producer", *sources, "--realtime")
+        _follow(subscription, producer, ids, judge, started, max(v.duration for v in streamed))
         subscription.close()
     finally:
         system.stop()
@@ -138,53 +105,34 @@ def run(args: argparse.Namespace) -> int:
             from pipeline.bus.broker import stop_broker
 
             stop_broker(args.broker_port, cache_dir=args.cache_dir)
-    _summarise(summary, queries)
+    s = judge.summary()
+    print(f"\nsummary over {len(streamed)} streams and {len(truth.queries)} standing queries: {s['right'] + s['false']} "
+          f"events, {s['right']} right, {s['false']} wrong; precision {s['precision']:.2f}, recall {s['recall']:.2f} "
+          f"({len(judge.found)} of {truth.total} moments), F1 {s['f1']:.2f}, {s['false_per_stream_hour']:.0f} false "
+          f"events per stream-hour (an event is right when its query's event happens there with IoU >= 0.5)")
     return 0
 
 
-def _follow(subscription, producer, queries, duration: float) -> dict[str, list[tuple]]:
-    """Print match events as they come until the stream has ended and the workers have caught up."""
-    from pipeline.spans import temporal_iou
-    import numpy as np
+def _follow(subscription, producer, ids: dict[str, str], judge, started: float, duration: float) -> None:
+    """Print match events as they come until the streams have ended and the workers have caught up."""
+    from pipeline.training.alerts import Alert
 
-    seen: dict[str, list[tuple]] = {query_id: [] for query_id in queries}
     deadline = time.monotonic() + duration + 120
     ended_at = None
     while time.monotonic() < deadline:
         for event in subscription.poll(0.5):
-            annotation = queries.get(event.query_id, "unknown")
-            if annotation == "unknown":
+            text = ids.get(event.query_id)
+            if text is None:
                 continue
-            iou = 0.0 if annotation is None else float(
-                temporal_iou(np.array([[event.start, event.end]], float), np.asarray(annotation.spans, float)).max())
-            hit = iou >= HIT_IOU
-            seen[event.query_id].append((event.start, event.end, hit))
-            print(f"  {'HIT ' if hit else 'MISS'} {event.query_id}: {event.start}-{event.end} s, distance "
-                  f"{event.distance}, IoU {iou:.2f}, {event.latency:.1f} s after capture")
+            right, iou = judge.judge(Alert(text, event.stream_id, event.start, event.end, event.distance,
+                                           event.match_time - started))
+            print(f"  {'RIGHT' if right else 'WRONG'} {event.query_id:>4} on {event.stream_id}: {event.start}-"
+                  f"{event.end} s {text!r}, distance {event.distance}, IoU {iou:.2f}, "
+                  f"{event.latency:.1f} s after capture", flush=True)
         if producer.poll() is not None and ended_at is None:
             ended_at = time.monotonic()
-        if ended_at is not None and time.monotonic() - ended_at > 15:
+        if ended_at is not None and time.monotonic() - ended_at > 10:
             break
-    return seen
-
-
-def _summarise(seen: dict[str, list[tuple]], queries) -> None:
-    present = [q for q, a in queries.items() if a is not None]
-    found = [q for q in present if any(hit for *_, hit in seen[q])]
-    false = sum(1 for q in queries for *_, hit in seen[q] if not hit)
-    print(f"\nsummary: {len(found)} of {len(present)} moments in the video found "
-          f"({', '.join(found) or 'none'}); {false} events off the ground truth; "
-          f"{sum(bool(seen[q]) for q, a in queries.items() if a is None)} of "
-          f"{sum(a is None for a in queries.values())} absent queries matched")
-
-
-def _overlapping(video) -> bool:
-    spans = sorted(span for annotation in video.annotations for span in annotation.spans)
-    return any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:]))
-
-
-def _spans(spans) -> str:
-    return ", ".join(f"{s:.0f}-{e:.0f} s" for s, e in spans)
 
 
 def _step(what: str, code: int) -> None:

@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         )
         samples = build_samples(load_dataset(kind, path), features, sentences.encode, device)
         if args.alerts:
+            if not config["causal"]:
+                raise ValueError("alerts come from the live encoder, which runs the causal form; this checkpoint is "
+                                 "bidirectional")
             report = alert_report(model, config, samples, parse_range(args.thresholds), args.settle)
             report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, **report}
             print(json.dumps(report) if args.json else format_alerts(report))

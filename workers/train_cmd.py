@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from pipeline.settings import add_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.training.options import TrainOptions
+
     parser.add_argument("--dataset", required=True, help="annotations as KIND:PATH, e.g. activitynet:DIR/train.json")
     parser.add_argument("--val", help="validation annotations as KIND:PATH [default: val.json beside a train.json]")
     parser.add_argument("--features", required=True, help="features directory written by `vmh extract`")
@@ -22,12 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs [default: the preset's]")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate [default: the preset's]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the video order, RReLU and dropout")
-    parser.add_argument("--videos-per-step", type=int, default=None,
-                        help="videos whose sentences and candidates are scored together each step [default: the preset's]")
-    parser.add_argument("--negative-weight", type=float, default=None,
-                        help="weight of sentence-candidate pairs from different videos [default: the preset's]")
-    parser.add_argument("--event-weight", type=float, default=None,
-                        help="extra weight of candidates that cover an event [default: the preset's]")
+    recipe = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    for name, kind, what in (
+        ("videos_per_step", int, "videos whose sentences and candidates are scored together each step"),
+        ("negative_weight", float, "weight of sentence-candidate pairs from different videos"),
+        ("event_weight", float, "extra weight of candidates that cover an event"),
+        ("contrastive_weight", float, "weight of the two-way contrastive term over the step's codes"),
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"{what} [default: {recipe[name]}]")
     parser.add_argument("--resume", action="store_true", help="continue the run at --out from its training state")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -53,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         sentences = SentenceEncoder(str(device), cache_dir=args.cache_dir)
         train_samples = build_samples(load_dataset(kind, path), features, sentences.encode, device)
         val_samples = build_samples(load_dataset(val_kind, val_path), features, sentences.encode, device)
-        options = TrainOptions(args.preset, args.bits, args.causal, args.epochs, args.lr, args.seed)
+        recipe = {name: value for name in ("videos_per_step", "negative_weight", "event_weight", "contrastive_weight")
+                  if (value := getattr(args, name, None)) is not None}
+        options = TrainOptions(args.preset, args.bits, args.causal, args.epochs, args.lr, args.seed, **recipe)
         result = train(
             options, train_samples, val_samples, args.out,
             extractor=features.extractor,

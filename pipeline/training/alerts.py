@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.datasets import Annotation, Video
 from pipeline.spans import temporal_iou
 
 IOUS = (0.5, 0.3)
@@ -48,54 +49,87 @@ class Truth:
     stream_seconds: float
 
     @classmethod
-    def of(cls, samples: Sequence, extra_queries: Iterable[tuple[str, str]] = ()) -> Truth:
-        """Every distinct sentence of ``samples`` is a query; ``extra_queries`` adds (sentence, event) pairs, e.g.
+    def of(cls, videos: Sequence[Video], extra_queries: Iterable[tuple[str, str]] = ()) -> Truth:
+        """Every distinct sentence of ``videos`` is a query; ``extra_queries`` adds (sentence, event) pairs, e.g.
         captions that happen on none of the streams."""
         event_of: dict[str, str] = {}
-        for sample in samples:
-            for sentence, event in zip(sample.sentences, sample.kinds):
-                event_of.setdefault(sentence, event)
+        for video in videos:
+            for annotation in video.annotations:
+                event_of.setdefault(annotation.sentence, annotation.event)
         for sentence, event in extra_queries:
             event_of.setdefault(sentence, event)
-        by_event: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
-        for sample in samples:
-            for event, spans in sample.event_spans().items():
-                by_event[event].append((sample.video_id, spans))
-        moments = {(query, stream): np.unique(spans, axis=0)
-                   for query, event in event_of.items() for stream, spans in by_event.get(event, ())}
-        return cls(moments, tuple(event_of), float(sum(len(sample.video) for sample in samples)))
+        by_event: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for video in videos:
+            for annotation in video.annotations:
+                by_event[annotation.event][video.video_id] += annotation.spans
+        moments = {(query, stream): np.unique(np.asarray(spans, np.float64), axis=0)
+                   for query, event in event_of.items() for stream, spans in by_event.get(event, {}).items()}
+        return cls(moments, tuple(event_of), float(sum(video.duration for video in videos)))
+
+    @classmethod
+    def of_samples(cls, samples: Sequence, extra_queries: Iterable[tuple[str, str]] = ()) -> Truth:
+        """The same for training samples, whose videos last as many seconds as they have features."""
+        videos = [Video(s.video_id, float(len(s.video)), tuple(
+            Annotation(sentence, tuple(map(tuple, truth.tolist())), label=event)
+            for sentence, event, truth in zip(s.sentences, s.kinds, s.ground_truth))) for s in samples]
+        return cls.of(videos, extra_queries)
+
+    @property
+    def total(self) -> int:
+        """(query, stream, real moment) triples: what moment recall divides by."""
+        return sum(len(spans) for spans in self.moments.values())
+
+
+class AlertJudge:
+    """Marks alerts right or false in the order they arrive: right when the query's event happens on the stream
+    with IoU >= ``iou`` and that real moment was not found before."""
+
+    def __init__(self, truth: Truth, iou: float = 0.5) -> None:
+        self.truth, self.iou = truth, iou
+        self.found: set[tuple[str, str, int]] = set()
+        self.right, self.false, self.delays = 0, 0, []
+
+    def judge(self, alert: Alert) -> tuple[bool, float]:
+        """(right, the alert's best IoU with the query's real moments on its stream)."""
+        spans = self.truth.moments.get((alert.query, alert.stream))
+        overlap = 0.0
+        if spans is not None:
+            ious = temporal_iou(np.array([[alert.start, alert.end]], np.float64), spans)[0]
+            best = int(np.argmax(ious))
+            overlap = float(ious[best])
+            if overlap >= self.iou and (alert.query, alert.stream, best) not in self.found:
+                self.found.add((alert.query, alert.stream, best))
+                self.right += 1
+                self.delays.append(alert.second - float(spans[best, 1]))
+                return True, overlap
+        self.false += 1
+        return False, overlap
+
+    def summary(self) -> dict:
+        """Precision, recall, F1, false events per stream-hour and the delays of the right events so far."""
+        events, hours = self.right + self.false, self.truth.stream_seconds / 3600
+        precision = self.right / events if events else 0.0
+        recall = len(self.found) / self.truth.total if self.truth.total else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {
+            "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+            "right": self.right, "false": self.false,
+            "false_per_stream_hour": round(self.false / hours, 2) if hours else math.nan,
+            "delay_p50": float(np.median(self.delays)) if self.delays else None,
+            "delay_p90": float(np.percentile(self.delays, 90)) if self.delays else None,
+        }
 
 
 def score_alerts(alerts: Sequence[Alert], truth: Truth, ious: Sequence[float] = IOUS) -> dict:
     """Event precision, moment recall, F1, false events per stream-hour and delays, at each IoU in ``ious``."""
-    hours = truth.stream_seconds / 3600
-    total = sum(len(spans) for spans in truth.moments.values())
-    report = {"events": len(alerts), "moments": total, "queries": len(truth.queries),
-              "stream_hours": round(hours, 4)}
+    report = {"events": len(alerts), "moments": truth.total, "queries": len(truth.queries),
+              "stream_hours": round(truth.stream_seconds / 3600, 4)}
+    ordered = sorted(alerts, key=lambda a: (a.second, a.stream, a.query, a.start))
     for iou in ious:
-        found: set[tuple[str, str, int]] = set()
-        right, delays = 0, []
-        for alert in sorted(alerts, key=lambda a: (a.second, a.stream, a.query, a.start)):
-            spans = truth.moments.get((alert.query, alert.stream))
-            if spans is None:
-                continue
-            overlap = temporal_iou(np.array([[alert.start, alert.end]], np.float64), spans)[0]
-            best = int(np.argmax(overlap))
-            key = (alert.query, alert.stream, best)
-            if overlap[best] >= iou and key not in found:
-                found.add(key)
-                right += 1
-                delays.append(alert.second - spans[best, 1])
-        precision = right / len(alerts) if alerts else 0.0
-        recall = len(found) / total if total else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        report[f"IoU={iou:g}"] = {
-            "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-            "right": right, "false": len(alerts) - right,
-            "false_per_stream_hour": round((len(alerts) - right) / hours, 2) if hours else math.nan,
-            "delay_p50": float(np.median(delays)) if delays else None,
-            "delay_p90": float(np.percentile(delays, 90)) if delays else None,
-        }
+        judge = AlertJudge(truth, iou)
+        for alert in ordered:
+            judge.judge(alert)
+        report[f"IoU={iou:g}"] = judge.summary()
     return report
 
 
@@ -172,7 +206,7 @@ def alert_sweep(model, samples: Sequence, thresholds: Iterable[int], *, settle: 
     from pipeline.model import moments_ending_at
 
     config = model.config
-    truth = Truth.of(samples, extra_queries)
+    truth = Truth.of_samples(samples, extra_queries)
     rounds = stream_moments(model, samples)
     codes = query_codes(model, truth.queries, samples, encode)
     per_second = lambda second: moments_ending_at(second, config.kernel_sizes, config.strides)  # noqa: E731

@@ -21,57 +21,24 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.model import (CMHN, build_cmhn, candidate_spans, cmhn_loss, get_preset, load_checkpoint, save_checkpoint,
+from pipeline.model import (CMHN, build_cmhn, candidate_spans, cmhn_loss, load_checkpoint, save_checkpoint,
                             smooth_sign, target_iou)
 from pipeline.model.checkpoint import calibrated_threshold, set_calibration
 from pipeline.training.alerts import calibrate
 from pipeline.training.evaluate import Sample, hashed_recall
+from pipeline.training.options import TrainError, TrainOptions
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 VALIDATION_METRIC = "R@1,IoU=0.5"
-
-
-class TrainError(Exception):
-    """A training run that cannot start or resume as asked."""
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """What a run depends on; bits, epochs and lr default to the preset's."""
-
-    preset: str = "lite"
-    bits: int | None = None
-    causal: bool = True
-    epochs: int | None = None
-    lr: float | None = None
-    seed: int = 0
-    videos_per_step: int = 1
-    negative_weight: float = 1.0
-    event_weight: float = 0.0
-    contrastive_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.videos_per_step < 1 or not self.negative_weight >= 0 or not self.event_weight >= 0:
-            raise TrainError(f"need videos_per_step >= 1, negative_weight >= 0 and event_weight >= 0, got "
-                             f"{self.videos_per_step}, {self.negative_weight} and {self.event_weight}")
-
-    def resolved(self) -> TrainOptions:
-        config = get_preset(self.preset)
-        return replace(
-            self,
-            bits=config.bits if self.bits is None else self.bits,
-            epochs=config.epochs if self.epochs is None else self.epochs,
-            lr=config.lr if self.lr is None else self.lr,
-        )
 
 
 @dataclass(frozen=True)
@@ -151,7 +118,7 @@ def train(
             bar.set_postfix(_postfix(epoch, options.epochs, total / steps, best_score))
             _save_state(state_path(out), run, epoch, model, optimizer, best_epoch, best_score, history)
     epochs_run = max(options.epochs - start, 0)
-    if epochs_run or calibrated_threshold(out) is None:
+    if options.causal and (epochs_run or calibrated_threshold(out) is None):  # only the causal form serves live
         set_calibration(out, calibrate(load_checkpoint(out, map_location=device)[0], val_samples))
     return TrainResult(out, best_epoch, best_score, epochs_run, history, calibrated_threshold(out))
 
