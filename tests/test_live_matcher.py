@@ -204,3 +204,21 @@ def test_an_end_marker_ends_the_stream_without_being_a_moment():
     events, _ = m.process([moment("s", 0, 4, list(b"red "), last=True)])
     assert events_of(events) == [("red", "s", 0, 4, 0)]
     assert len(m.search(code=list(b"red "), top_k=10)) == 1  # archived once
+
+
+def test_restore_replays_the_latest_session_of_a_stream():
+    """A stream's new session counts seconds from 0 again: its moments are replayed though an older session of the
+    same stream reached later seconds."""
+    def moments(session, seconds, planted):
+        return [moment("s", x - 1, x, list(b"red ") if x == planted else [0, 0, 0, 0], session=session)
+                for x in range(1, seconds + 1)]
+
+    log = moments("old", 200, planted=0) + moments("new", 10, planted=9)
+    reference, restarted = matcher(settle=3, longest_moment=1), matcher(settle=3, longest_moment=1)
+    for m in (reference, restarted):
+        m.apply_queries([("red", query("red", "red ", threshold=0))])
+    reference.process(log)
+    restarted.restore(("moments", 0), log)
+    later = [moment("s", x - 1, x, [0, 0, 0, 0], session="new") for x in range(11, 14)]
+    assert events_of(restarted.process(later)[0]) == events_of(reference.process(later)[0]) == [
+        ("red", "s", 8, 9, 0)]

@@ -155,11 +155,12 @@ class LiveMatcher:
         archive.add(moments)
         self._archives[partition] = archive
         self._restored.add(partition)
-        newest: dict[str, int] = {}
+        newest: dict[tuple[str, str], int] = {}  # per stream and session: a new session counts from 0 again
         for moment in moments:
-            newest[moment.stream_id] = max(newest.get(moment.stream_id, 0), moment.end)
+            key = (moment.stream_id, moment.session)
+            newest[key] = max(newest.get(key, 0), moment.end)
         window = self.replay_seconds
-        recent = [m for m in moments if window is None or m.end > newest[m.stream_id] - window]
+        recent = [m for m in moments if window is None or m.end > newest[m.stream_id, m.session] - window]
         self.process(recent, [Origin(partition[0], partition[1], -1)] * len(recent), emit=False)
 
     def forget(self, partitions: Iterable[Partition]) -> None:
