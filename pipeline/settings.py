@@ -85,6 +85,8 @@ _DECLARED = [
     Setting("backbone", "mobilenet_v2", "torchvision classification model used as frame CNN"),
     Setting("backbone-weights", "", "path of the backbone's weights; empty means the offline MobileNetV2 weights"),
     Setting("frame-size", 224, "side in pixels frames are resized to before the CNN", int),
+    Setting("spatial-grid", 1, "cells a side of the feature map also pooled cell by cell, so features keep where "
+            "things are (1: global pooling only)", int),
     Setting("open-timeout", 10.0, "seconds to wait for a video source to connect and send its headers", float),
     Setting("stall-timeout", 10.0, "seconds without video data or frames before a live source reconnects", float),
     # model

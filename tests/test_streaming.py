@@ -18,10 +18,15 @@ pytestmark = pytest.mark.usefixtures("one_thread_seeded")
 
 
 def narrow(preset: str) -> CMHN:
-    """Narrow float64 CMHN of a preset, TCN weights scaled up so that even the farthest taps move the outputs."""
+    """Narrow float64 CMHN of a preset, TCN weights scaled up so that even the farthest taps move the outputs; a
+    preset that whitens its inputs (lite) has the whitening fitted on skewed data, so streaming must apply it too."""
     model = narrow_cmhn(preset, V)
     for parameter in model.ven.tcn.parameters():
         torch.nn.init.normal_(parameter)
+    if model.config.whiten:
+        skewed = torch.randn(300, V, dtype=torch.float64) * torch.arange(1, V + 1) + 3
+        model.ven.whiten.fit_pca(skewed)
+        assert not torch.allclose(model.ven.whiten.projection, torch.eye(V, dtype=torch.float64))
     return model.eval()
 
 

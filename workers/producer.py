@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realtime", action="store_true", help="pace files as if they were live")
     parser.add_argument("--loop", action="store_true", help="repeat files forever")
     parser.add_argument("--batch-frames", type=int, default=64, help="most frames per CNN batch, across streams")
-    add_settings(parser, "checkpoint", "sample-rate", "frame-size", "backbone", "backbone-weights", "device",
+    add_settings(parser, "checkpoint", "sample-rate", "frame-size", "spatial-grid", "backbone", "backbone-weights", "device",
                  "torch-threads", "open-timeout", "stall-timeout", "bootstrap-servers", "topic-prefix", "metrics-port",
                  "bus-timeout")
 
@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def use_checkpoint_extractor(args: argparse.Namespace) -> dict | None:
-    """With ``--checkpoint``, take backbone, frame size and sample rate from the extractor the model was trained on
-    (the checkpoint's config records its identity), and return that identity; None without a checkpoint."""
+    """With ``--checkpoint``, take backbone, frame size, sample rate and spatial grid from the extractor the model was
+    trained on (the checkpoint's config records its identity), and return that identity; None without a checkpoint."""
     from pipeline.model.checkpoint import CONFIG
 
     if not args.checkpoint:
@@ -113,6 +113,7 @@ def use_checkpoint_extractor(args: argparse.Namespace) -> dict | None:
         identity = json.loads(Path(args.checkpoint, CONFIG).read_text())["extractor"]
         args.backbone, args.frame_size, args.sample_rate = (identity["backbone"], int(identity["frame_size"]),
                                                             float(identity["sample_rate"]))
+        args.spatial_grid = int(identity.get("spatial_grid", 1))  # extractors before the setting pooled globally
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"vmh producer: cannot read the frame extractor of checkpoint {args.checkpoint}: {e!r}")
     return identity

@@ -3,6 +3,11 @@
 MobileNetV2 with ImageNet weights that install offline is the default (1280-d). Any other torchvision classification
 model works by name given a weights file; its last Linear layer (the class scores) becomes Identity, so the output
 is the penultimate representation whatever the model calls its head (classifier, fc, heads).
+
+A globally pooled vector says what is in a frame but hardly where, so an action such as "moves to the left" cannot
+be read from a sequence of them. ``spatial_grid`` g > 1 keeps the layout: the output is the global average of the
+backbone's final feature map followed by the averages of its g x g cells ((1 + g^2) x 1280 for MobileNetV2), for
+backbones with a ``features`` trunk (MobileNet, EfficientNet, ConvNeXt, ...).
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ class FrameEncoder:
         frame_size: int = 224,
         sample_rate: float = 4.0,
         batch_size: int = 64,
+        spatial_grid: int = 1,
     ) -> None:
         if not weights_path and name != DEFAULT_BACKBONE:
             raise MissingWeights(f"backbone {name!r} needs a weights file (--backbone-weights); none installs offline")
@@ -98,7 +104,14 @@ class FrameEncoder:
         self.frame_size = frame_size
         self.sample_rate = sample_rate
         self.batch_size = batch_size
+        if not (isinstance(spatial_grid, int) and spatial_grid >= 1):
+            raise BackboneError(f"spatial grid must be a whole number of cells >= 1 a side, got {spatial_grid!r}")
+        self.spatial_grid = spatial_grid
         model = build_backbone(name, self.weights_path)
+        if spatial_grid > 1:
+            if not isinstance(getattr(model, "features", None), nn.Module):
+                raise UnknownBackbone(f"a spatial grid needs a backbone with a `features` trunk; {name} has none")
+            model = _GridPooled(model.features, spatial_grid).eval()
         self.model = model.to(self.device, memory_format=torch.channels_last)
         # (x / 255 - mean) / std folded into one multiply-add per channel
         std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
@@ -109,7 +122,8 @@ class FrameEncoder:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FrameEncoder:
         """From the settings backbone, backbone-weights, device, frame-size and sample-rate."""
-        return cls(args.backbone, args.backbone_weights, args.device, args.frame_size, args.sample_rate)
+        return cls(args.backbone, args.backbone_weights, args.device, args.frame_size, args.sample_rate,
+                   spatial_grid=args.spatial_grid)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         frames = np.asarray(frames)
@@ -140,5 +154,20 @@ class FrameEncoder:
             "weights_sha256": self.weights_sha256,
             "frame_size": self.frame_size,
             "sample_rate": self.sample_rate,
+            "spatial_grid": self.spatial_grid,
             "dim": self.dim,
         }
+
+
+class _GridPooled(nn.Module):
+    """A backbone trunk's feature map [N, C, h, w] -> [N, C (1 + g^2)]: its global average, then the averages of
+    its g x g cells, row by row."""
+
+    def __init__(self, trunk: nn.Module, grid: int) -> None:
+        super().__init__()
+        self.trunk, self.grid = trunk, grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.trunk(x)
+        cells = nn.functional.adaptive_avg_pool2d(maps, self.grid)
+        return torch.cat([maps.mean((2, 3)), cells.flatten(2).transpose(1, 2).flatten(1)], dim=1)

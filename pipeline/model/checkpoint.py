@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -82,7 +82,8 @@ def load_checkpoint(
     if mismatches:
         raise CheckpointMismatch(path, mismatches)
     try:
-        values = {f.name: config[f.name] for f in fields(CMHNConfig)}
+        # fields added since a checkpoint was written take their defaults (whiten: none, as before it existed)
+        values = {f.name: config[f.name] for f in fields(CMHNConfig) if f.name in config or f.default is MISSING}
         model = CMHN(CMHNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"bad model config in {path / CONFIG}: {error!r}") from error

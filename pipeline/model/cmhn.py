@@ -33,6 +33,7 @@ class CMHNConfig:
     video_dim: int = 1280
     sentence_dim: int = 384
     causal: bool = True
+    whiten: int = 0  # > 0: video features PCA-whitened to this many dims (at most V), sentences standardised
 
     def __post_init__(self) -> None:
         if self.bits <= 0 or self.bits % 8:
@@ -43,6 +44,13 @@ class CMHNConfig:
             raise ValueError(f"kernel sizes, strides, the TCN kernel and channels must be positive: {self}")
         if self.video_dim < 1 or self.sentence_dim < 1:
             raise ValueError(f"video_dim and sentence_dim must be positive, got {self.video_dim}, {self.sentence_dim}")
+        if self.whiten < 0:
+            raise ValueError(f"whiten must be >= 0 dims, got {self.whiten}")
+
+    @property
+    def tcn_input(self) -> int:
+        """Width of what the TCN reads: the whitened features (at most V wide), or the features themselves."""
+        return min(self.whiten, self.video_dim) if self.whiten else self.video_dim
 
 
 PRESETS: dict[str, CMHNConfig] = {
@@ -62,7 +70,7 @@ PRESETS: dict[str, CMHNConfig] = {
         preset="lite", bits=128, channels=(256, 256), kernel=3,
         kernel_sizes=(1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16),
         strides=(1,) * 10 + (2, 2),
-        dropout=0.1, lr=3e-4, epochs=30,
+        dropout=0.1, lr=3e-4, epochs=30, whiten=256,
     ),
 }  # fmt: skip
 
@@ -90,6 +98,45 @@ def moments_ending_at(second: int, kernel_sizes: tuple[int, ...], strides: tuple
     return int(np.count_nonzero((k <= second) & ((second - k) % s == 0)))
 
 
+class Whitening(nn.Module):
+    """x -> (x - mean) @ projection: a fixed linear map fitted on training inputs, kept as buffers so that a
+    checkpoint carries its own input preprocessing. Frame features of one kind of scene differ in a few directions
+    of small variance (the colour of a shape, its place) under a large common part; whitening gives those directions
+    unit scale, so training does not spend its first epochs finding them. Identity until fitted."""
+
+    def __init__(self, dim: int, out: int | None = None) -> None:
+        super().__init__()
+        out = dim if out is None else out
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("projection", torch.eye(dim, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.projection
+
+    @torch.no_grad()
+    def fit_pca(self, x: torch.Tensor, ridge: float = 1e-3) -> None:
+        """PCA whitening to ``projection``'s width: each principal component over its standard deviation, plus
+        ``ridge`` times the largest, so near-empty directions are not blown up; with fewer inputs than that width
+        the components past their rank stay zero. Seeded apart from the caller's RNG (the randomized PCA draws from
+        it), so fitting changes nothing else in a seeded run."""
+        x = x.to(self.mean)
+        self.mean.copy_(x.mean(0))
+        rank = min(self.projection.shape[1], *x.shape)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            _, s, v = torch.pca_lowrank(x - self.mean, q=rank, center=False, niter=4)
+        std = s / max(len(x) - 1, 1) ** 0.5
+        self.projection.zero_()
+        self.projection[:, :rank] = v / (std + ridge * std[0])
+
+    @torch.no_grad()
+    def fit_standard(self, x: torch.Tensor, eps: float = 1e-3) -> None:
+        """Per-dimension standardisation (diagonal ``projection``): for inputs with fewer samples than dims."""
+        x = x.to(self.mean)
+        self.mean.copy_(x.mean(0))
+        self.projection.copy_(torch.diag(1 / (x.std(0) + eps)))
+
+
 class VEN(nn.Module):
     """Video encoder: per-second features [T, V] -> pre-sign codes of all candidate moments [N, B]."""
 
@@ -98,7 +145,8 @@ class VEN(nn.Module):
         width = config.channels[-1]
         self.video_dim = config.video_dim
         self.kernel_sizes, self.strides = config.kernel_sizes, config.strides
-        self.tcn = TemporalConvNet(config.video_dim, config.channels, config.kernel, config.dropout, config.causal)
+        self.whiten = Whitening(config.video_dim, config.tcn_input) if config.whiten else nn.Identity()
+        self.tcn = TemporalConvNet(config.tcn_input, config.channels, config.kernel, config.dropout, config.causal)
         self.heads = nn.ModuleList(
             nn.Conv1d(width, width, k, stride=s) for k, s in zip(self.kernel_sizes, self.strides)
         )
@@ -113,6 +161,7 @@ class VEN(nn.Module):
         num_seconds, shortest = video.shape[-2], min(self.kernel_sizes)
         if num_seconds < shortest:
             raise ValueError(f"a {num_seconds} s video is shorter than the shortest moment ({shortest} s)")
+        video = self.whiten(video)
         feed = self.tcn(video.transpose(-1, -2) if video.dim() == 3 else video.T[None])
         out = torch.cat([head(feed) for k, head in zip(self.kernel_sizes, self.heads) if k <= num_seconds], dim=2)
         out = self.net(out.transpose(1, 2))
@@ -124,6 +173,7 @@ class QEN(nn.Sequential):
 
     def __init__(self, config: CMHNConfig) -> None:
         super().__init__(
+            *([Whitening(config.sentence_dim)] if config.whiten else []),
             nn.Linear(config.sentence_dim, 512),
             nn.RReLU(),
             nn.Linear(512, 256),
@@ -141,11 +191,22 @@ class CMHN(nn.Module):
         self.ven = VEN(config)
         self.qen = QEN(config)
 
+    def fit_inputs(self, videos: torch.Tensor, sentences: torch.Tensor) -> None:
+        """Fit the input whitening (when the config asks for it) on training features [sum T, V] and sentence
+        vectors [M, S]; sentences are few, so they are only standardised."""
+        if self.config.whiten:
+            self.ven.whiten.fit_pca(videos)
+            self.qen[0].fit_standard(sentences)
+
 
 def build_cmhn(
-    preset: str, *, video_dim: int = 1280, sentence_dim: int = 384, bits: int | None = None, causal: bool = True
+    preset: str, *, video_dim: int = 1280, sentence_dim: int = 384, bits: int | None = None, causal: bool = True,
+    whiten: int | None = None,
 ) -> CMHN:
-    """A freshly initialised CMHN of a preset; load weights with pipeline.model.checkpoint."""
+    """A freshly initialised CMHN of a preset (input whitening as the preset's unless given); load weights with
+    pipeline.model.checkpoint."""
     config = get_preset(preset)
     bits = config.bits if bits is None else bits
-    return CMHN(replace(config, video_dim=video_dim, sentence_dim=sentence_dim, bits=bits, causal=causal))
+    whiten = config.whiten if whiten is None else whiten
+    return CMHN(replace(config, video_dim=video_dim, sentence_dim=sentence_dim, bits=bits, causal=causal,
+                        whiten=whiten))

@@ -195,7 +195,7 @@ class StreamingEncoder:
         if features.dim() != 2 or features.shape[1] != video_dim or count not in (None, features.shape[0]):
             rows = "W" if count is None else count
             raise ValueError(f"expected features [{rows}, {video_dim}], got {list(features.shape)}")
-        return features
+        return self.ven.whiten(features)
 
 
 def _conv(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:

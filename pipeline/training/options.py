@@ -11,7 +11,7 @@ class TrainError(Exception):
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """What a run depends on; bits, epochs and lr default to the preset's."""
+    """What a run depends on; bits, epochs, lr and whiten default to the preset's."""
 
     preset: str = "lite"
     bits: int | None = None
@@ -23,6 +23,7 @@ class TrainOptions:
     negative_weight: float = 1.0
     event_weight: float = 0.0
     contrastive_weight: float = 0.0
+    whiten: int | None = None  # dims the video features are PCA-whitened to; None: the preset's, 0: none
 
     def __post_init__(self) -> None:
         if self.videos_per_step < 1 or not self.negative_weight >= 0 or not self.event_weight >= 0:
@@ -38,4 +39,5 @@ class TrainOptions:
             bits=config.bits if self.bits is None else self.bits,
             epochs=config.epochs if self.epochs is None else self.epochs,
             lr=config.lr if self.lr is None else self.lr,
+            whiten=config.whiten if self.whiten is None else self.whiten,
         )

@@ -85,8 +85,11 @@ def train(
     start, best_epoch, best_score, history = 0, 0, -1.0, []
     if resume:
         start, best_epoch, best_score, history = _restore(state_path(out), run, model, optimizer, device)
-    elif state_path(out).exists():
-        log.warning("starting over: %s holds an earlier run (pass --resume to continue it)", state_path(out))
+    else:
+        if state_path(out).exists():
+            log.warning("starting over: %s holds an earlier run (pass --resume to continue it)", state_path(out))
+        model.fit_inputs(torch.cat([s.video for s in train_samples]),
+                         torch.cat([s.sentence_vectors for s in train_samples]))
     targets = Targets(model, train_samples)
     extra = dict(extra or {}) | {"seed": options.seed, "lr": options.lr, "epochs": options.epochs,
                                  "videos_per_step": options.videos_per_step, "negative_weight": options.negative_weight,
@@ -131,7 +134,8 @@ def _postfix(epoch: int, epochs: int, loss: float, best: float) -> dict[str, str
 def _model(options: TrainOptions, sample: Sample, device: torch.device) -> CMHN:
     torch.manual_seed(options.seed)
     dims = {"video_dim": sample.video.shape[1], "sentence_dim": sample.sentence_vectors.shape[1]}
-    return build_cmhn(options.preset, bits=options.bits, causal=options.causal, **dims).to(device)
+    return build_cmhn(options.preset, bits=options.bits, causal=options.causal, whiten=options.whiten,
+                      **dims).to(device)
 
 
 class Targets:
