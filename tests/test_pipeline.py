@@ -179,7 +179,8 @@ def test_garbage_on_the_features_topic_and_metrics_moving(kafka_bootstrap, prefi
             stop(process)
 
 
-def test_up_runs_the_system_and_ctrl_c_stops_it(kafka_bootstrap, prefix, checkpoint, tmp_path):
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])  # Ctrl-C, and what a supervisor sends
+def test_up_runs_the_system_and_a_stop_signal_stops_it(kafka_bootstrap, prefix, checkpoint, tmp_path, stop_signal):
     import signal
 
     import psutil
@@ -193,7 +194,7 @@ def test_up_runs_the_system_and_ctrl_c_stops_it(kafka_bootstrap, prefix, checkpo
         assert {m.stream_id for m in moments} == {"cam"}
         children = psutil.Process(up.pid).children()
         assert len(children) == 3  # encoder, query worker, producer
-        up.send_signal(signal.SIGINT)
+        up.send_signal(getattr(signal, stop_signal))
         assert up.wait(60) == 0
         assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
     finally:

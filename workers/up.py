@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vmh up: no checkpoint at {checkpoint}: pass --checkpoint, or run `vmh demo` once to train one",
               file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the children as on Ctrl-C, rather than orphan them
     system, bootstrap, own_broker = start_system(args, checkpoint)
     print(f"vmh up: broker {bootstrap}, topics {args.topic_prefix}.*, workers "
           f"{', '.join(system.children)}; Ctrl-C stops everything", flush=True)
@@ -127,3 +129,7 @@ def run(args: argparse.Namespace) -> int:
         system.stop()
         if own_broker:
             stop_broker(args.broker_port, cache_dir=args.cache_dir)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
