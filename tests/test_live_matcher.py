@@ -174,7 +174,7 @@ def test_a_stream_that_ends_mid_cluster_publishes_it_at_once_and_is_freed():
     m.apply_queries([("red", query("red", "red ", threshold=0))])
     events, _ = m.process([moment("s", 0, 4, list(b"red ")), moment("s", 3, 5, [0, 0, 0, 0], last=True)])
     assert events_of(events) == [("red", "s", 0, 4, 0)]
-    assert m.merger.state()["streams"] == {}
+    assert m.merger.state()["streams"] == {} and len(m) == 0
 
 
 def test_a_new_session_flushes_the_old_one():

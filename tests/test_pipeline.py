@@ -168,6 +168,8 @@ def test_garbage_on_the_features_topic_and_metrics_moving(kafka_bootstrap, prefi
         wait_for(lambda: scrape(ports["encoder"]).get("vmh_moments_total", 0) > 0)
         wait_for(lambda: scrape(ports["encoder"]).get('vmh_errors_total{kind="malformed_record"}', 0) >= 1)
         wait_for(lambda: scrape(ports["query"]).get("vmh_matches_total", 0) > 0)
+        wait_for(lambda: scrape(ports["encoder"]).get('vmh_streams{worker="encoder"}', 0) == 1)  # the live one
+        wait_for(lambda: scrape(ports["query"]).get('vmh_streams{worker="query-worker"}', 0) == 1)
         query_metrics = scrape(ports["query"])
         assert query_metrics["vmh_end_to_end_seconds_count"] > 0
         assert 0 < query_metrics["vmh_end_to_end_seconds_sum"] / query_metrics["vmh_end_to_end_seconds_count"] < 60

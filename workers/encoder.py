@@ -83,6 +83,7 @@ class EncoderWorker:
         metrics.BATCH_SIZE.labels("encoder").observe(len(batch))
         metrics.STAGE_LATENCY.labels("encoder").observe(time.perf_counter() - started)
         metrics.MOMENTS.inc(len(moments))
+        metrics.STREAMS.labels("encoder").set(len(self.coder))
         return out
 
     def _history(self, features, at):

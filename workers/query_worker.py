@@ -193,6 +193,7 @@ class QueryWorker:
         metrics.BATCH_SIZE.labels("matcher").observe(len(batch))
         metrics.STAGE_LATENCY.labels("matcher").observe(time.perf_counter() - started)
         metrics.MATCHES.inc(len(events))
+        metrics.STREAMS.labels("query-worker").set(len(self.matcher))
         now = time.time()
         for event in events:
             metrics.END_TO_END.observe(now - event.capture_time)

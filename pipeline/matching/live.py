@@ -81,6 +81,10 @@ class LiveMatcher:
         self._latest: dict[str, tuple[int, int]] = {}  # stream -> span of its latest moment, to tell end markers
         self._partitions = StreamPartitions()
 
+    def __len__(self) -> int:
+        """Streams whose state is held."""
+        return len(self._sessions)
+
     @property
     def replay_seconds(self) -> int | None:
         """Seconds of a stream's past moments that rebuild the merger's state for it: a published hit suppresses
