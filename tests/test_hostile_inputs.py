@@ -196,6 +196,9 @@ def test_a_search_for_too_many_hits(system):
 
     with pytest.raises(InvalidQuery, match="top_k must be an integer from 1 to 1000"):
         system.client.search(code=bytes(16), top_k=100_000)
+    cli = subprocess.run([sys.executable, "-m", "workers.cli", "search", "--code", "00" * 16, "--top-k", "100000"],
+                         env=system.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "top_k must be an integer from 1 to 1000, got 100000" in cli.stderr
     replies = read_committed_consumer([system.names.search_replies], from_beginning=False, bootstrap=system.bootstrap)
     try:
         for tp in replies.assignment():
