@@ -139,7 +139,7 @@ class QueryWorker:
     def _reply(self, record, errors: list):
         """The reply to one request (None when it has no usable request id); an error record when it fails."""
         from pipeline.bus.kafka import Outgoing
-        from pipeline.matching.search import BadSearchRequest, SearchRequest, encode_reply
+        from pipeline.matching.search import BAD_SEARCH_REQUEST, BadSearchRequest, SearchRequest, encode_reply
         from workers.common import error_at
 
         limit = self.side.max_request_size - 4096  # room for the record's key, headers and batch overhead
@@ -153,7 +153,7 @@ class QueryWorker:
             value = encode_reply(request_id, [h._asdict() for h in hits], partitions, None, limit)
         except Exception as e:  # a bad request gets an answer saying why, never a dead worker
             request_id = request_id or (e.request_id if isinstance(e, BadSearchRequest) else None)
-            errors.append(error_at(record, "bad_search_request", str(e)))
+            errors.append(error_at(record, BAD_SEARCH_REQUEST, str(e)))
             if request_id is None:
                 return None  # no one to answer
             value = encode_reply(request_id, [], partitions, str(e), limit)
@@ -168,11 +168,12 @@ class QueryWorker:
         for tp, next_offset in positions.items():
             moments = []
             if next_offset > 0:
-                last = read_range(tp.topic, tp.partition, next_offset - 1, next_offset, bootstrap=self.bootstrap)
-                newest_ms = last[-1].timestamp if last else int(time.time() * 1000)
-                age_ms = int((self.matcher.archive_age or 3600) * 1000)
-                start = offset_for_time(tp.topic, tp.partition, newest_ms - age_ms, bootstrap=self.bootstrap)
-                start = max(start, next_offset - self.matcher.archive_size)
+                start = max(0, next_offset - self.matcher.archive_size)
+                if self.matcher.archive_age is not None:
+                    last = read_range(tp.topic, tp.partition, next_offset - 1, next_offset, bootstrap=self.bootstrap)
+                    newest_ms = last[-1].timestamp if last else int(time.time() * 1000)
+                    since_ms = newest_ms - int(self.matcher.archive_age * 1000)
+                    start = max(start, offset_for_time(tp.topic, tp.partition, since_ms, bootstrap=self.bootstrap))
                 for record in read_range(tp.topic, tp.partition, start, next_offset, bootstrap=self.bootstrap):
                     try:
                         moments.append(decode(record.value, MomentCode))

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from pipeline.bus.records import MAX_QUERY_CHARS, InvalidQuery
 
+BAD_SEARCH_REQUEST = "bad_search_request"  # the kind of the error record about a request that cannot be answered
 MAX_TOP_K = 1000
 MAX_REQUEST_ID_BYTES = 128
 MAX_ERROR_CHARS = 1000
