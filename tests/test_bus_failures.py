@@ -4,7 +4,8 @@
   rule's error output in a transaction that commits past it; every other record is processed exactly once, and a
   restarted processor does not meet the poison record again.
 - The broker killed (SIGKILL) under a running encoder: the encoder exits non-zero within its bus deadline instead of
-  hanging; started again with the broker back, its committed moments equal an uninterrupted run's.
+  hanging; started again with the broker back, its committed moments equal an uninterrupted run's. Under a live
+  producer: it exits non-zero too, since it cannot deliver.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from harness import committed, lite_checkpoint, spawn, worker_env
+from harness import committed, lite_checkpoint, render_synthetic, spawn, worker_env
 from pipeline.bus.kafka import ExactlyOnceProcessor, Outgoing, at_least_once_producer, read_committed_consumer
 
 pytestmark = pytest.mark.integration
@@ -142,3 +143,29 @@ def test_the_broker_killed_under_a_running_encoder(own_broker, tmp_path):
         again.wait(10)
     key = lambda m: (m.stream_id, m.start, m.end, m.code.tobytes(), m.last)  # noqa: E731
     assert Counter(map(key, moments)) == Counter(map(key, expected))
+
+
+def test_a_producer_that_cannot_deliver_exits(own_broker, tmp_path):
+    """Deliveries are checked: with the broker gone, a live producer exits non-zero within its deadline, saying
+    so, instead of decoding on and dropping what it cannot send."""
+    from pipeline.bus.broker import broker_status
+    from pipeline.bus.records import FrameFeatures
+    from pipeline.bus.topics import create_topics, topics
+
+    port, _, bootstrap = own_broker
+    prefix = f"no-delivery-{uuid.uuid4().hex[:6]}"
+    create_topics(bootstrap, prefix=prefix, partitions=1)
+    env = worker_env(bootstrap, prefix, VMH_BUS_TIMEOUT="5")
+    video = render_synthetic(tmp_path / "live.mp4", duration=8.0)
+    producer = spawn(["producer", f"live={video}", "--realtime", "--loop"], env, tmp_path / "producer.log")
+    try:
+        committed(bootstrap, topics(prefix).features, lambda r: len(r) >= 2, expected=FrameFeatures)
+        os.kill(broker_status(port).pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert producer.wait(30) == 3, (tmp_path / "producer.log").read_text()[-3000:]
+        assert time.monotonic() - killed < 5 + 10  # the delivery deadline, plus a batch and closing
+        assert "cannot deliver to Kafka" in (tmp_path / "producer.log").read_text()
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+            producer.wait()
