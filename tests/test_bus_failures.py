@@ -129,7 +129,7 @@ def test_the_broker_killed_under_a_running_encoder(own_broker, tmp_path):
     killed = time.monotonic()
     code = encoder.wait(30)
     assert code == 3, (tmp_path / "encoder.log").read_text()[-3000:]
-    assert time.monotonic() - killed < 5 + 10  # the bus deadline, plus closing
+    assert time.monotonic() - killed < 5 + 15  # the bus deadline, plus closing (3 s a client) on a busy machine
     assert "giving up on the bus" in (tmp_path / "encoder.log").read_text()
 
     ensure_broker(port, data_dir=data)
@@ -163,7 +163,7 @@ def test_a_producer_that_cannot_deliver_exits(own_broker, tmp_path):
         os.kill(broker_status(port).pid, signal.SIGKILL)
         killed = time.monotonic()
         assert producer.wait(30) == 3, (tmp_path / "producer.log").read_text()[-3000:]
-        assert time.monotonic() - killed < 5 + 10  # the delivery deadline, plus a batch and closing
+        assert time.monotonic() - killed < 5 + 15  # the delivery deadline, plus a batch and closing
         assert "cannot deliver to Kafka" in (tmp_path / "producer.log").read_text()
     finally:
         if producer.poll() is None:
