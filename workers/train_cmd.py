@@ -29,11 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kind, what in (
         ("videos_per_step", int, "videos whose sentences and candidates are scored together each step"),
         ("negative_weight", float, "weight of sentence-candidate pairs from different videos"),
-        ("event_weight", float, "extra weight of candidates that cover an event"),
         ("contrastive_weight", float, "weight of the two-way contrastive term over the step's codes"),
+        ("whiten", int, "dims the video features are PCA-whitened to, 0 for none (None: the preset's)"),
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                             help=f"{what} [default: {recipe[name]}]")
+    parser.add_argument("--select", choices=("alerts", "recall"), default=None,
+                        help=f"what picks the epoch kept: validation alert F1 or R@1 [default: {recipe['select']}]")
+    parser.add_argument("--published", action="store_true",
+                        help="the CMHN reference's recipe: one video a step, its loss alone, best R@1 kept")
     parser.add_argument("--resume", action="store_true", help="continue the run at --out from its training state")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -59,9 +63,12 @@ def run(args: argparse.Namespace) -> int:
         sentences = SentenceEncoder(str(device), cache_dir=args.cache_dir)
         train_samples = build_samples(load_dataset(kind, path), features, sentences.encode, device)
         val_samples = build_samples(load_dataset(val_kind, val_path), features, sentences.encode, device)
-        recipe = {name: value for name in ("videos_per_step", "negative_weight", "event_weight", "contrastive_weight")
+        recipe = {name: value for name in ("videos_per_step", "negative_weight", "contrastive_weight", "whiten",
+                                           "select")
                   if (value := getattr(args, name, None)) is not None}
-        options = TrainOptions(args.preset, args.bits, args.causal, args.epochs, args.lr, args.seed, **recipe)
+        build = TrainOptions.published if args.published else TrainOptions
+        options = build(preset=args.preset, bits=args.bits, causal=args.causal, epochs=args.epochs, lr=args.lr,
+                        seed=args.seed, **recipe)
         result = train(
             options, train_samples, val_samples, args.out,
             extractor=features.extractor,
@@ -75,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if result.epochs_run == 0:
         print(f"{args.out}: the run was already complete")
-    print(f"best validation R@1,IoU=0.5 {result.best_score:.3f} at epoch {result.best_epoch}: {result.checkpoint}; "
+    from pipeline.training.train import SELECTIONS
+
+    print(f"best validation {SELECTIONS[options.resolved().select]} {result.best_score:.3f} at epoch "
+          f"{result.best_epoch}: {result.checkpoint}; "
           f"alert threshold {result.threshold} bits (highest alert F1 on the validation split)")
     return 0
 

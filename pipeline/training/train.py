@@ -6,9 +6,9 @@ look-alike moment of another video, which is most of what a live stream holds. W
 target of sentence i and candidate j of any video of the step is the IoU of j with that video's moments of the same
 event (``Sample.events``: another phrasing of the same thing counts), 0 where the event does not happen, and
 ``negative_weight`` scales the pairs of other videos so their number does not drown the sentence's own video.
-``event_weight`` a weighs a pair (i, j) by 1 + a * (j's best IoU with any moment of its video): the candidates
-that cover some event are where a sentence must tell its own event from look-alikes, while the many candidates of
-empty stretches are easy zeros that would otherwise dominate the sum.
+A two-way contrastive term (``contrastive_weight``) over the step's code inner products makes each sentence prefer
+its moments to every other candidate of the step, and each moment prefer its sentences to the step's others: the
+regression alone fits the many easy zeros first and tells look-alikes apart last.
 
 Each epoch visits the training videos in an order drawn from (seed, epoch), then scores the validation split with
 binary codes (R@1 at IoU 0.5); the best epoch's weights are the checkpoint. After every epoch a training-state file
@@ -38,7 +38,7 @@ from pipeline.training.options import TrainError, TrainOptions
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-VALIDATION_METRIC = "R@1,IoU=0.5"
+SELECTIONS = {"recall": "R@1,IoU=0.5", "alerts": "alert F1,IoU=0.5"}  # what picks the epoch kept
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,12 @@ def train(
             log.warning("starting over: %s holds an earlier run (pass --resume to continue it)", state_path(out))
         model.fit_inputs(torch.cat([s.video for s in train_samples]),
                          torch.cat([s.sentence_vectors for s in train_samples]))
+    videos, per_step = len(train_samples), options.videos_per_step
     targets = Targets(model, train_samples)
     extra = dict(extra or {}) | {"seed": options.seed, "lr": options.lr, "epochs": options.epochs,
                                  "videos_per_step": options.videos_per_step, "negative_weight": options.negative_weight,
-                                 "event_weight": options.event_weight}
+                                 "contrastive_weight": options.contrastive_weight, "select": options.select}
 
-    videos, per_step = len(train_samples), options.videos_per_step
     with tqdm(total=(options.epochs - start) * videos, desc="training", unit="video", disable=not progress) as bar:
         for epoch in range(start + 1, options.epochs + 1):
             model.train()
@@ -103,7 +103,7 @@ def train(
             order = np.random.default_rng([options.seed, epoch]).permutation(videos)
             for first in range(0, videos, per_step):
                 group = order[first : first + per_step].tolist()
-                target, weight = targets.of(group, options.negative_weight, options.event_weight)
+                target, weight = targets.of(group, options.negative_weight)
                 loss = _loss(model, [train_samples[i] for i in group], target, weight, options.contrastive_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -111,13 +111,13 @@ def train(
                 total, steps = total + loss.item() / len(group), steps + 1
                 bar.set_postfix(_postfix(epoch, options.epochs, total / steps, best_score))
                 bar.update(len(group))
-            score = hashed_recall(model, val_samples)
+            score = validation_score(model, val_samples, options.select)
             history.append({"epoch": epoch, "loss": total / steps, "val": score})
             log.info("epoch done", extra={"fields": history[-1]})
             if score > best_score:
                 best_epoch, best_score = epoch, score
                 save_checkpoint(out, model, extractor, sentence_encoder,
-                                extra | {"best_epoch": epoch, f"val {VALIDATION_METRIC}": score})  # fmt: skip
+                                extra | {"best_epoch": epoch, f"val {SELECTIONS[options.select]}": score})  # fmt: skip
             bar.set_postfix(_postfix(epoch, options.epochs, total / steps, best_score))
             _save_state(state_path(out), run, epoch, model, optimizer, best_epoch, best_score, history)
     epochs_run = max(options.epochs - start, 0)
@@ -127,8 +127,8 @@ def train(
 
 
 def _postfix(epoch: int, epochs: int, loss: float, best: float) -> dict[str, str]:
-    """Progress bar fields: the epoch, the epoch's running mean loss, the best validation R@1 so far."""
-    return {"epoch": f"{epoch}/{epochs}", "loss": f"{loss:.4g}", "val R@1": f"{best:.3f}" if best >= 0 else "-"}
+    """Progress bar fields: the epoch, the epoch's running mean loss, the best validation score so far."""
+    return {"epoch": f"{epoch}/{epochs}", "loss": f"{loss:.4g}", "best val": f"{best:.3f}" if best >= 0 else "-"}
 
 
 def _model(options: TrainOptions, sample: Sample, device: torch.device) -> CMHN:
@@ -136,6 +136,14 @@ def _model(options: TrainOptions, sample: Sample, device: torch.device) -> CMHN:
     dims = {"video_dim": sample.video.shape[1], "sentence_dim": sample.sentence_vectors.shape[1]}
     return build_cmhn(options.preset, bits=options.bits, causal=options.causal, whiten=options.whiten,
                       **dims).to(device)
+
+
+def validation_score(model: CMHN, val_samples: Sequence[Sample], select: str) -> float:
+    """The score that picks the epoch kept: R@1 at IoU 0.5 as the reference does, or the best alert F1 over a
+    coarse threshold sweep of the live logic (what a standing query needs)."""
+    if select == "recall":
+        return hashed_recall(model, val_samples)
+    return calibrate(model.eval(), val_samples, thresholds=range(8, 61, 4))["f1"]
 
 
 class Targets:
@@ -147,8 +155,6 @@ class Targets:
         self.samples = samples
         self.spans = [candidate_spans(len(s.video), config.kernel_sizes, config.strides) for s in samples]
         self.events = [s.event_spans() for s in samples]
-        self.eventness = [torch.from_numpy(target_iou(list(events.values()), spans).numpy().max(0)).to(s.video)
-                          for events, spans, s in zip(self.events, self.spans, samples)]
         self._blocks: dict[tuple[int, int], torch.Tensor] = {}
 
     def block(self, a: int, b: int) -> torch.Tensor:
@@ -162,14 +168,13 @@ class Targets:
             self._blocks[a, b] = target.to(sample.video)
         return self._blocks[a, b]
 
-    def of(self, group: Sequence[int], negative_weight: float, event_weight: float
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(S, weights) of a group; the weights are None, the published loss, for one video and no event weight."""
+    def of(self, group: Sequence[int], negative_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S, weights) of a group; the weights are None, the published loss, for a group of one video."""
         target = torch.cat([torch.cat([self.block(a, b) for b in group], dim=1) for a in group])
-        if len(group) == 1 and not event_weight:
+        if len(group) == 1:
             return target, None
-        weight = torch.cat([torch.cat([(1.0 if a == b else negative_weight) * (1 + event_weight * self.eventness[b])
-                                       .expand_as(self.block(a, b)) for b in group], dim=1) for a in group])
+        weight = torch.cat([torch.cat([torch.full_like(self.block(a, b), 1.0 if a == b else negative_weight)
+                                       for b in group], dim=1) for a in group])
         return target, weight
 
 
