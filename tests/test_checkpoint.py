@@ -34,7 +34,7 @@ def test_round_trip_gives_the_same_outputs(saved: tuple[Path, CMHN]) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded.ven(video), model.ven(video), rtol=0, atol=0)
         torch.testing.assert_close(loaded.qen(sentences), model.qen(sentences), rtol=0, atol=0)
-    assert config["extractor"] == EXTRACTOR and config["sentence_encoder"] == ENCODER
+    assert config["extractor"] == EXTRACTOR | {"spatial_grid": 1} and config["sentence_encoder"] == ENCODER
     assert config["extra"] == {"epoch": 3}
     assert config["preset"] == "lite" and config["channels"] == list(PRESETS["lite"].channels)
 
@@ -121,3 +121,11 @@ def test_unserialisable_metadata_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         save_checkpoint(tmp_path / "ckpt", small(), {"weights": object()}, ENCODER)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_extractor_recorded_before_a_key_existed_names_the_same_frame_path(saved: tuple[Path, CMHN]) -> None:
+    """EXTRACTOR predates spatial_grid: it means the global pooling every extractor did then."""
+    path, _ = saved
+    load_checkpoint(path, extractor=EXTRACTOR | {"spatial_grid": 1})
+    with pytest.raises(CheckpointMismatch, match="extractor.spatial_grid: expected 2, found 1"):
+        load_checkpoint(path, extractor=EXTRACTOR | {"spatial_grid": 2})

@@ -172,9 +172,22 @@ def test_encoder_identity(encoder: FrameEncoder) -> None:
         "weights_sha256": identity["weights_sha256"],
         "frame_size": 64,
         "sample_rate": 2,
+        "spatial_grid": 1,
         "dim": 1280,
     }
     assert identity["weights_sha256"].startswith("b0353104")  # torchvision names its files by the hash prefix
+
+
+def test_a_spatial_grid_keeps_the_global_vector_and_adds_its_cells(encoder: FrameEncoder) -> None:
+    gridded = FrameEncoder("mobilenet_v2", encoder.weights_path, "cpu", frame_size=64, sample_rate=2, spatial_grid=2)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    plain, cells = encoder.encode(frames), gridded.encode(frames)
+    assert gridded.dim == 5 * 1280 and gridded.identity()["spatial_grid"] == 2 and cells.shape == (3, 5 * 1280)
+    np.testing.assert_allclose(cells[:, :1280], plain, rtol=1e-5, atol=1e-6)  # the global average comes first
+    # the global average of a 2 x 2 feature map is the mean of its cells
+    np.testing.assert_allclose(cells[:, 1280:].reshape(3, 4, 1280).mean(1), plain, rtol=1e-4, atol=1e-5)
+    with pytest.raises(BackboneError, match="spatial grid"):
+        FrameEncoder("mobilenet_v2", encoder.weights_path, "cpu", frame_size=64, spatial_grid=0)
 
 
 def test_encoder_rejects_bad_frames(encoder: FrameEncoder) -> None:

@@ -105,15 +105,16 @@ def run(args: argparse.Namespace) -> int:
 def use_checkpoint_extractor(args: argparse.Namespace) -> dict | None:
     """With ``--checkpoint``, take backbone, frame size, sample rate and spatial grid from the extractor the model was
     trained on (the checkpoint's config records its identity), and return that identity; None without a checkpoint."""
+    from pipeline.features import complete_identity
     from pipeline.model.checkpoint import CONFIG
 
     if not args.checkpoint:
         return None
     try:
-        identity = json.loads(Path(args.checkpoint, CONFIG).read_text())["extractor"]
+        identity = complete_identity(json.loads(Path(args.checkpoint, CONFIG).read_text())["extractor"])
         args.backbone, args.frame_size, args.sample_rate = (identity["backbone"], int(identity["frame_size"]),
                                                             float(identity["sample_rate"]))
-        args.spatial_grid = int(identity.get("spatial_grid", 1))  # extractors before the setting pooled globally
+        args.spatial_grid = int(identity["spatial_grid"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"vmh producer: cannot read the frame extractor of checkpoint {args.checkpoint}: {e!r}")
     return identity

@@ -15,6 +15,15 @@ import numpy as np
 if TYPE_CHECKING:
     from pipeline.features.backbone import FrameEncoder
 
+# extractor identity keys added after checkpoints and feature directories were first written, with the value every
+# extractor had before them, so an identity recorded then still names the same frame path
+IDENTITY_DEFAULTS = {"spatial_grid": 1}
+
+
+def complete_identity(identity: dict) -> dict:
+    """An extractor identity as recorded at any time, with the keys added since filled in as they were then."""
+    return {**IDENTITY_DEFAULTS, **identity} if identity else dict(identity)
+
 
 def video_features(path: str | os.PathLike, encoder: FrameEncoder, batch_size: int = 64) -> np.ndarray:
     """float16 [T, V]: one L2-normalised vector per second of the video at ``path`` (T = its last second + 1).

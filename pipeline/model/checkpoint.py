@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from pipeline.features import complete_identity
 from pipeline.model.cmhn import CMHN, CMHNConfig, get_preset
 
 CHECKPOINT_VERSION = 1
@@ -91,7 +92,7 @@ def load_checkpoint(
         model.load_state_dict(torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
     except Exception as error:  # torch.load and load_state_dict raise many types for a damaged or foreign file
         raise CheckpointError(f"corrupt or mismatched weights {path / WEIGHTS}: {error}") from error
-    return model.to(map_location).eval(), config
+    return model.to(map_location).eval(), config | {"extractor": complete_identity(config.get("extractor") or {})}
 
 
 def set_calibration(path: str | os.PathLike, calibration: Mapping[str, Any]) -> None:
@@ -127,7 +128,8 @@ def _mismatches(
         expected["sentence_encoder"] = sentence_encoder
     found = [(name, value, config.get(name)) for name, value in expected.items()]
     if extractor is not None:
-        saved = config.get("extractor") if isinstance(config.get("extractor"), dict) else {}
+        saved = complete_identity(config["extractor"]) if isinstance(config.get("extractor"), dict) else {}
+        extractor = complete_identity(dict(extractor))
         found += [(f"extractor.{key}", extractor.get(key), saved.get(key)) for key in sorted({*extractor, *saved})]
     return [(name, value, got) for name, value, got in found if value != got]
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.features import complete_identity
+
 if TYPE_CHECKING:
     from pipeline.features.backbone import FrameEncoder
 
@@ -51,7 +53,7 @@ class FeatureSet:
         manifest = _read_manifest(root)
         if manifest is None:
             raise FeatureError(f"{root} is not a features directory (no {MANIFEST}); make one with `vmh extract`")
-        return cls(root, manifest["extractor"], manifest["videos"])
+        return cls(root, complete_identity(manifest["extractor"]), manifest["videos"])
 
     def load(self, video_id: str) -> np.ndarray:
         """float32 [T, V] per-second features of one video."""
@@ -108,7 +110,7 @@ def open_for(out_dir: str | os.PathLike, extractor: Mapping[str, Any]) -> Featur
         features = FeatureSet(out_dir, dict(extractor), {})
         features.save()
         return features
-    saved = manifest["extractor"]
+    saved = complete_identity(manifest["extractor"])
     differs = [f"{k}: {saved.get(k)!r} there, {extractor.get(k)!r} now" for k in sorted({*saved, *extractor})
                if saved.get(k) != extractor.get(k)]  # fmt: skip
     if differs:
