@@ -160,19 +160,12 @@ def sample_events(
 ) -> list[Event]:
     """1..max_events events, sorted by start, free to overlap in time; colours are distinct so captions are
     unambiguous. Spans are whole frames; shapes are 14-36% of the frame side and stay inside it."""
-    n_frames = round(duration * fps)
-    lo, hi = round(min_length * fps), round(max_length * fps)
-    if not 1 <= lo <= hi <= n_frames or not 1 <= max_events <= len(COLOURS):
-        raise SynthError(
-            f"cannot fit 1..{max_events} events of {min_length}-{max_length} s into {duration} s at {fps} fps"
-        )
+    frames = _frame_range(duration, fps, min_length, max_length, f"1..{max_events}", 1 <= max_events <= len(COLOURS))
     events = []
     for colour in rng.choice(list(COLOURS), size=int(rng.integers(1, max_events + 1)), replace=False):
-        length = int(rng.integers(lo, hi + 1))
-        first = int(rng.integers(0, n_frames - length + 1))
+        first, last = _frame_span(rng, *frames)
         shape, action = str(rng.choice(list(NOUNS))), str(rng.choice(list(VERBS)))
-        geometry = _geometry(rng, action)
-        events.append(Event(shape, str(colour), action, first / fps, (first + length) / fps, *geometry))
+        events.append(Event(shape, str(colour), action, first / fps, last / fps, *_geometry(rng, action)))
     return sorted(events, key=lambda e: (e.start, e.end))
 
 
@@ -185,13 +178,10 @@ def sample_confusable_events(
     max_length: float = 12.0,
 ) -> list[Event]:
     """2..max_events events of distinct kinds, each after the first sharing one or two of colour, shape and action
-    with an earlier one, so that only the whole caption tells them apart. Spans as in ``sample_events``."""
-    n_frames = round(duration * fps)
-    lo, hi = round(min_length * fps), round(max_length * fps)
-    if not 1 <= lo <= hi <= n_frames or max_events < 2:
-        raise SynthError(
-            f"cannot fit 2..{max_events} events of {min_length}-{max_length} s into {duration} s at {fps} fps"
-        )
+    with an earlier one, so that only the whole caption tells them apart. Spans as in ``sample_events``. The count
+    is drawn anew after each event and sampling stops once it is no more than the events made: for 4, two, three
+    or four events with probabilities 3/9, 4/9 and 2/9."""
+    frames = _frame_range(duration, fps, min_length, max_length, f"2..{max_events}", max_events >= 2)
     choices = {"colour": list(COLOURS), "shape": list(NOUNS), "action": list(VERBS)}
     kinds: list[dict[str, str]] = []
     while len(kinds) < int(rng.integers(2, max_events + 1)):
@@ -204,12 +194,27 @@ def sample_confusable_events(
             kinds.append(kind)
     events = []
     for kind in kinds:
-        length = int(rng.integers(lo, hi + 1))
-        first = int(rng.integers(0, n_frames - length + 1))
-        geometry = _geometry(rng, kind["action"])
-        events.append(Event(kind["shape"], kind["colour"], kind["action"], first / fps, (first + length) / fps,
-                            *geometry))
+        first, last = _frame_span(rng, *frames)
+        events.append(Event(kind["shape"], kind["colour"], kind["action"], first / fps, last / fps,
+                            *_geometry(rng, kind["action"])))
     return sorted(events, key=lambda e: (e.start, e.end))
+
+
+def _frame_range(duration: float, fps: int, min_length: float, max_length: float, count: str,
+                 count_ok: bool) -> tuple[int, int, int]:
+    """(frames of the video, fewest and most frames of an event), or an error when ``count`` events cannot fit."""
+    n_frames = round(duration * fps)
+    lo, hi = round(min_length * fps), round(max_length * fps)
+    if not 1 <= lo <= hi <= n_frames or not count_ok:
+        raise SynthError(f"cannot fit {count} events of {min_length}-{max_length} s into {duration} s at {fps} fps")
+    return n_frames, lo, hi
+
+
+def _frame_span(rng: np.random.Generator, n_frames: int, lo: int, hi: int) -> tuple[int, int]:
+    """[first, last) frames of one event: its length, then where it starts."""
+    length = int(rng.integers(lo, hi + 1))
+    first = int(rng.integers(0, n_frames - length + 1))
+    return first, first + length
 
 
 def _geometry(rng: np.random.Generator, action: str) -> tuple:
