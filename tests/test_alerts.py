@@ -28,7 +28,8 @@ def sample(video_id: str, seconds: int, annotations: list[tuple[str, str, float,
 
 
 STREAMS = [
-    sample("a", 3600, [("a red circle rises", "red circle up", 10, 20), ("a blue star sinks", "blue star down", 30, 36)]),
+    sample("a", 3600, [("a red circle rises", "red circle up", 10, 20),
+                       ("a blue star sinks", "blue star down", 30, 36)]),
     sample("b", 3600, [("the red disc rises", "red circle up", 100, 110)]),
     sample("c", 3600, [("a green box grows", "green square grow", 5, 9)]),
 ]

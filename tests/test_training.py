@@ -205,3 +205,40 @@ def test_samples_need_features_that_fit_the_annotations(data: Path) -> None:
         build_samples([replace(video, duration=60.0)], features, encode, cpu)
     with pytest.raises(FeatureError, match="no features for 1 annotated videos"):
         build_samples([replace(video, video_id="elsewhere")], features, encode, cpu)
+
+
+def test_cross_video_targets_follow_events_wherever_they_happen() -> None:
+    """Sentence i against video b's candidates: the IoU with b's moments of i's event (another phrasing counts),
+    0 where b lacks the event; pairs of other videos weigh negative_weight."""
+    from pipeline.model.cmhn import candidate_spans
+    from pipeline.spans import ground_truth_iou
+    from pipeline.training.train import Targets
+
+    def sample(video_id: str, seconds: int, annotations: list[tuple[str, str, float, float]]) -> Sample:
+        return Sample(video_id, torch.zeros(seconds, 4), tuple(a[0] for a in annotations),
+                      torch.zeros(len(annotations), 3), tuple(np.array([[a[2], a[3]]]) for a in annotations),
+                      tuple(a[1] for a in annotations))
+
+    samples = [sample("a", 20, [("a red disc rises", "red circle up", 2, 8),
+                                ("a blue box sinks", "blue square down", 10, 16)]),
+               sample("b", 24, [("the red circle moves up", "red circle up", 12, 20)])]
+    model = build_cmhn("lite", video_dim=4, sentence_dim=3)
+    targets = Targets(model, samples)
+    spans_b = candidate_spans(24, model.config.kernel_sizes, model.config.strides)
+    cross = targets.block(0, 1)
+    np.testing.assert_allclose(cross[0].numpy(), ground_truth_iou(spans_b, [np.array([[12, 20]])])[0], rtol=1e-6)
+    assert cross[0].max() == 1.0 and not cross[1].any()  # the blue square never happens in b
+    target, weight = targets.of([0, 1], negative_weight=0.25)
+    assert target.shape == weight.shape == (3, len(targets.spans[0]) + len(spans_b))
+    assert set(weight[:2, : len(targets.spans[0])].unique().tolist()) == {1.0}
+    assert set(weight[:2, len(targets.spans[0]) :].unique().tolist()) == {0.25}
+    assert targets.of([0], negative_weight=0.25)[1] is None  # one video: the published loss
+
+
+def test_contrastive_loss_prefers_the_positive_pairs() -> None:
+    from pipeline.training.train import contrastive_loss
+
+    positive = torch.eye(3, dtype=torch.bool)
+    aligned, crossed = torch.eye(3) * 100.0, (1 - torch.eye(3)) * 100.0
+    assert contrastive_loss(aligned, positive, 128) < contrastive_loss(crossed, positive, 128)
+    assert contrastive_loss(aligned, torch.zeros(3, 3, dtype=torch.bool), 128) == 0  # nothing to prefer

@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
             stop_broker(args.broker_port, cache_dir=args.cache_dir)
     s = judge.summary()
-    print(f"\nsummary over {len(streamed)} streams and {len(truth.queries)} standing queries: {s['right'] + s['false']} "
-          f"events, {s['right']} right, {s['false']} wrong; precision {s['precision']:.2f}, recall {s['recall']:.2f} "
+    print(f"\nsummary over {len(streamed)} streams and {len(truth.queries)} standing queries: "
+          f"{s['right'] + s['false']} events, {s['right']} right, {s['false']} wrong; precision {s['precision']:.2f}, recall {s['recall']:.2f} "
           f"({len(judge.found)} of {truth.total} moments), F1 {s['f1']:.2f}, {s['false_per_stream_hour']:.0f} false "
           f"events per stream-hour (an event is right when its query's event happens there with IoU >= 0.5)")
     return 0

@@ -391,7 +391,8 @@ def _decode_json(data: bytes) -> Record:
 
 # JSON field types by annotation (the module uses postponed annotations, so these are strings)
 _JSON_CHECKS: dict[str, tuple[type, ...]] = {
-    "str": (str,), "int": (int,), "int | None": (int, type(None)), "float": (int, float), "str | None": (str, type(None)),
+    "str": (str,), "int": (int,), "int | None": (int, type(None)), "float": (int, float),
+    "str | None": (str, type(None)),
     "np.ndarray | None": (str, type(None)), "dict[str, str | int | float | bool | None]": (dict,),
 }
 

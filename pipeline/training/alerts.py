@@ -225,11 +225,17 @@ def best_threshold(sweep: Sequence[dict], iou: float = 0.5) -> dict:
 
 
 CALIBRATION_RULE = "the Hamming threshold of highest alert F1 at IoU 0.5 on the validation split"
-THRESHOLDS = range(2, 65, 2)
 
 
-def calibrate(model, val_samples: Sequence, *, settle: int = 3, thresholds: Iterable[int] = THRESHOLDS) -> dict:
+def thresholds_for(bits: int, points: int = 32) -> range:
+    """Thresholds from near 0 to B/2 (orthogonal codes, IoU 0 by the loss's scale), ``points`` of them."""
+    step = max(1, bits // (2 * points))
+    return range(step, bits // 2 + 1, step)
+
+
+def calibrate(model, val_samples: Sequence, *, settle: int = 3, thresholds: Iterable[int] | None = None) -> dict:
     """The checkpoint's threshold and what it measured on the validation split, for ``set_calibration``."""
+    thresholds = thresholds_for(model.config.bits) if thresholds is None else thresholds
     best = best_threshold(alert_sweep(model, val_samples, thresholds, settle=settle))
     return {"threshold": best["threshold"], "rule": CALIBRATION_RULE, "settle": settle,
             "videos": len(val_samples), "queries": best["queries"], **best["IoU=0.5"]}

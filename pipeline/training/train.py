@@ -31,7 +31,7 @@ import torch
 from pipeline.model import (CMHN, build_cmhn, candidate_spans, cmhn_loss, load_checkpoint, save_checkpoint,
                             smooth_sign, target_iou)
 from pipeline.model.checkpoint import calibrated_threshold, set_calibration
-from pipeline.training.alerts import calibrate
+from pipeline.training.alerts import calibrate, thresholds_for
 from pipeline.training.evaluate import Sample, hashed_recall
 from pipeline.training.options import TrainError, TrainOptions
 
@@ -143,7 +143,7 @@ def validation_score(model: CMHN, val_samples: Sequence[Sample], select: str) ->
     coarse threshold sweep of the live logic (what a standing query needs)."""
     if select == "recall":
         return hashed_recall(model, val_samples)
-    return calibrate(model.eval(), val_samples, thresholds=range(8, 61, 4))["f1"]
+    return calibrate(model.eval(), val_samples, thresholds=thresholds_for(model.config.bits, points=16))["f1"]
 
 
 class Targets:
@@ -184,17 +184,17 @@ def _loss(model: CMHN, group: Sequence[Sample], target: torch.Tensor, weight: to
     h_s = smooth_sign(model.qen(torch.cat([sample.sentence_vectors for sample in group])))
     loss = cmhn_loss(h_s, h_v, target, weight)
     if contrastive_weight:
-        loss = loss + contrastive_weight * contrastive_loss(h_s @ h_v.T, target >= 0.5)
+        loss = loss + contrastive_weight * contrastive_loss(h_s @ h_v.T, target >= 0.5, h_s.shape[1])
     return loss
 
 
-TEMPERATURE = 8.0  # of code inner products, which span -B..B
+TEMPERATURE = 1 / 16  # of code inner products, as a share of B (they span -B..B): 8 for 128 bits
 
 
-def contrastive_loss(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(scores: torch.Tensor, positive: torch.Tensor, bits: int) -> torch.Tensor:
     """Multi-positive InfoNCE both ways over inner products [M, N]: each sentence against all candidates of the
     step, and each candidate that covers an event against all sentences, the ones of its event being positive."""
-    logits = scores / TEMPERATURE
+    logits = scores / (TEMPERATURE * bits)
     masked = logits.masked_fill(~positive, float("-inf"))
     total = logits.new_zeros(())
     for dim in (1, 0):
