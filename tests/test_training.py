@@ -123,6 +123,30 @@ def test_eval_reports_every_labelled_recall(data: Path, checkpoint: Path, capsys
     assert "nms=m-0.05" in table and "continuous" in table and "R@5,IoU=0.7" in table and "ms mean" in table
 
 
+def test_training_calibrates_and_eval_alerts_reports_at_that_threshold(data: Path, checkpoint: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """`vmh train` stores the validation split's best alert threshold; `vmh eval --alerts` reports the live logic's
+    events at it and over the sweep, as JSON and as a table."""
+    from workers.eval_cmd import format_alerts
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["threshold"] == config["calibration"]["threshold"] and 0 < config["threshold"] <= 64
+    args = ["eval", "--checkpoint", str(checkpoint), "--dataset", f"activitynet:{data / 'test.json'}",
+            "--features", str(data / "features"), "--device", "cpu", "--cache-dir", str(data / "cache"), "--alerts",
+            "--thresholds", "8:64:8", "--json"]
+    capsys.readouterr()
+    assert vmh(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["threshold"] == config["threshold"] and report["at_threshold"]["threshold"] == config["threshold"]
+    assert {8, 16, 64, config["threshold"]} <= {entry["threshold"] for entry in report["sweep"]}
+    videos = load_activitynet(data / "test.json")
+    assert report["at_threshold"]["queries"] == len({a.sentence for v in videos for a in v.annotations})
+    for entry in report["sweep"]:
+        for iou in ("IoU=0.5", "IoU=0.3"):
+            assert entry[iou]["right"] + entry[iou]["false"] == entry["events"]
+    assert "<- checkpoint" in format_alerts(report)
+
+
 def test_eval_refuses_features_of_another_extractor(data: Path, checkpoint: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     features = FeatureSet.open(data / "features")

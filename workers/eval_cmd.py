@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--alerts", action="store_true",
                         help="alert quality through the live encoder and matcher instead of ranking recall")
-    parser.add_argument("--thresholds", default="4:64:2",
-                        help="Hamming thresholds of the alert sweep as FIRST:LAST:STEP [%(default)s]")
+    parser.add_argument("--thresholds", default="",
+                        help="Hamming thresholds of the alert sweep as FIRST:LAST:STEP [default: 32 steps up to B/2]")
     parser.add_argument("--settle", type=int, default=3, help="the query worker's settle window, seconds [%(default)s]")
 
 
@@ -58,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
             if not config["causal"]:
                 raise ValueError("alerts come from the live encoder, which runs the causal form; this checkpoint is "
                                  "bidirectional")
-            report = alert_report(model, config, samples, parse_range(args.thresholds), args.settle)
+            from pipeline.training.alerts import thresholds_for
+
+            sweep = parse_range(args.thresholds) if args.thresholds else thresholds_for(model.config.bits)
+            report = alert_report(model, config, samples, sweep, args.settle)
             report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, **report}
             print(json.dumps(report) if args.json else format_alerts(report))
             return 0
