@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.bus.records import InvalidQuery, StandingQuery
+from pipeline.datasets import Annotation, Video
 from pipeline.matching.live import LiveMatcher
 from pipeline.model import build_cmhn, save_checkpoint
 from pipeline.model.checkpoint import calibrated_threshold, set_calibration
@@ -36,7 +37,13 @@ STREAMS = [
 
 
 def test_truth_follows_events_not_phrasings() -> None:
-    truth = Truth.of_samples(STREAMS, extra_queries=[("a purple star shrinks", "purple star shrink")])
+    """As the demo builds it: annotated videos, plus a caption whose event happens on none of them."""
+    videos = [Video(s.video_id, float(len(s.video)), tuple(Annotation(text, (tuple(truth[0]),), label=event)
+                                                           for text, event, truth in zip(s.sentences, s.events,
+                                                                                         s.ground_truth)))
+              for s in STREAMS]
+    truth = Truth.of(videos, extra_queries=[("a purple star shrinks", "purple star shrink")])
+    assert Truth.of_samples(STREAMS).moments.keys() == truth.moments.keys()
     assert set(truth.queries) == {"a red circle rises", "a blue star sinks", "the red disc rises", "a green box grows",
                                   "a purple star shrinks"}
     # both phrasings of the red circle happen on a and b; the absent query nowhere

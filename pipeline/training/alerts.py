@@ -67,12 +67,12 @@ class Truth:
         return cls(moments, tuple(event_of), float(sum(video.duration for video in videos)))
 
     @classmethod
-    def of_samples(cls, samples: Sequence, extra_queries: Iterable[tuple[str, str]] = ()) -> Truth:
+    def of_samples(cls, samples: Sequence) -> Truth:
         """The same for training samples, whose videos last as many seconds as they have features."""
         videos = [Video(s.video_id, float(len(s.video)), tuple(
             Annotation(sentence, tuple(map(tuple, truth.tolist())), label=event)
             for sentence, event, truth in zip(s.sentences, s.kinds, s.ground_truth))) for s in samples]
-        return cls.of(videos, extra_queries)
+        return cls.of(videos)
 
     @property
     def total(self) -> int:
@@ -156,20 +156,14 @@ def stream_moments(model, samples: Sequence, model_id: str = "eval") -> list[lis
     return rounds
 
 
-def query_codes(model, sentences: Sequence[str], samples: Sequence, encode=None) -> np.ndarray:
-    """Packed codes [Q, B/8] of sentences, as the query worker makes them (sentence encoder, QEN, sign); the
-    samples' sentence vectors are used where they have the sentence, ``encode`` for the rest."""
+def query_codes(model, sentences: Sequence[str], samples: Sequence) -> np.ndarray:
+    """Packed codes [Q, B/8] of the samples' sentences, as the query worker makes them (sentence vectors, QEN,
+    sign)."""
     import torch
 
     from pipeline.codes.packing import pack_signs
 
     known = {text: vector for s in samples for text, vector in zip(s.sentences, s.sentence_vectors)}
-    missing = [text for text in sentences if text not in known]
-    if missing:
-        if encode is None:
-            raise ValueError(f"{len(missing)} queries are in no sample and there is no sentence encoder to encode them")
-        device = samples[0].sentence_vectors.device
-        known |= dict(zip(missing, torch.as_tensor(np.asarray(encode(missing), np.float32), device=device)))
     with torch.inference_mode():
         return pack_signs(model.qen(torch.stack([known[text] for text in sentences])))
 
@@ -197,18 +191,16 @@ def live_alerts(rounds: Sequence[Sequence], queries: Sequence[str], codes: np.nd
 
 
 def alert_sweep(model, samples: Sequence, thresholds: Iterable[int], *, settle: int = 3,
-                extra_queries: Iterable[tuple[str, str]] = (), encode=None, ious: Sequence[float] = IOUS,
-                progress: bool = False) -> list[dict]:
-    """``score_alerts`` at each threshold: one live encoding of all streams, one live matching per threshold.
-    ``encode`` (sentences -> vectors) is needed only for ``extra_queries``."""
+                ious: Sequence[float] = IOUS, progress: bool = False) -> list[dict]:
+    """``score_alerts`` at each threshold: one live encoding of all streams, one live matching per threshold."""
     from tqdm import tqdm
 
     from pipeline.model import moments_ending_at
 
     config = model.config
-    truth = Truth.of_samples(samples, extra_queries)
+    truth = Truth.of_samples(samples)
     rounds = stream_moments(model, samples)
-    codes = query_codes(model, truth.queries, samples, encode)
+    codes = query_codes(model, truth.queries, samples)
     per_second = lambda second: moments_ending_at(second, config.kernel_sizes, config.strides)  # noqa: E731
     sweep = []
     for threshold in tqdm(list(thresholds), desc="thresholds", unit="threshold", disable=not progress):
