@@ -13,6 +13,7 @@ the stream's last moment and ``idle_timeout`` without moments; then the state is
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections import Counter, defaultdict
 from typing import Callable, Iterable, Sequence
 
@@ -116,10 +117,8 @@ class LiveMatcher:
                 if threshold is None:
                     raise InvalidQuery(f"query {query_id!r} has no threshold and model {self.model!r} has no "
                                        "calibrated one: give it a threshold")
-                if query.code is None or query.threshold is None:
-                    query = StandingQuery(query.query_id, query.text, code, query.bits if query.code is not None
-                                          else self.bits, threshold, query.created_time, query.model or self.model)
-                self.queries.add(query)
+                self.queries.add(replace(query, code=code, bits=self.bits if query.code is None else query.bits,
+                                         threshold=threshold, model=query.model or self.model))
             except InvalidQuery as e:
                 self.queries.delete(query_id)  # a query replaced by an unusable one is not kept in its old form
                 errors.append(ErrorRecord(source=query_id, kind=BAD_QUERY, time=self.clock(),
