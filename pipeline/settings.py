@@ -48,6 +48,19 @@ class Setting:
         return self.name.removeprefix(f"{self.table}-").replace("-", "_") if self.table else self.dest
 
 
+def boolean(text: str | bool) -> bool:
+    """A yes/no setting from the environment or vmh.toml: 1/0, true/false, yes/no, on/off."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value not in _BOOLEANS:
+        raise ValueError(f"{text!r} is not a yes/no value (1/0, true/false, yes/no, on/off)")
+    return _BOOLEANS[value]
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "vmh")
 
@@ -89,6 +102,8 @@ _DECLARED = [
             "things are (1: global pooling only)", int),
     Setting("open-timeout", 10.0, "seconds to wait for a video source to connect and send its headers", float),
     Setting("stall-timeout", 10.0, "seconds without video data or frames before a live source reconnects", float),
+    Setting("keyframes", True, "publish one JPEG per stream second to <prefix>.keyframes, for the web view", boolean),
+    Setting("keyframe-size", 320, "side in pixels of the keyframe JPEGs", int),
     # model
     Setting("preset", "lite", "CMHN preset: lite, tacos or activitynet"),
     Setting("checkpoint", "", "path of a CMHN checkpoint directory"),
@@ -128,10 +143,11 @@ def add_settings(parser: argparse.ArgumentParser, *names: str) -> None:
     """Add the named settings as flags whose defaults come from the environment and config file."""
     for name in names:
         setting = SETTINGS[name]
+        how = {"action": argparse.BooleanOptionalAction} if setting.type is boolean else {"type": setting.type}
         parser.add_argument(
             setting.flag,
             dest=setting.dest,
-            type=setting.type,
             default=resolve(name),
             help=f"{setting.help} [env {setting.env}]",
+            **how,
         )

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-frames", type=int, default=64, help="most frames per CNN batch, across streams")
     add_settings(parser, "checkpoint", "sample-rate", "frame-size", "spatial-grid", "backbone", "backbone-weights", "device",
                  "torch-threads", "open-timeout", "stall-timeout", "bootstrap-servers", "topic-prefix", "metrics-port",
-                 "bus-timeout")
+                 "bus-timeout", "keyframes", "keyframe-size")
 
 
 def stream_spec(spec: str) -> tuple[str, str]:
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.bus.topics import create_topics, topics
     from pipeline.features.backbone import FrameEncoder
     from pipeline.features.live import LiveFeaturizer
+    from pipeline.video.keyframes import KeyframeSampler
     from pipeline.video.multi import MultiSource
     from pipeline.video.source import SourceOptions, VideoSource
     from workers import metrics
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     featurizer = LiveFeaturizer(encoder)
     producer = CheckedProducer(bootstrap, args.bus_timeout, on_failure=lambda error: metrics.DELIVERY_ERRORS.inc())
     options = SourceOptions.from_args(args, realtime=args.realtime, loop=args.loop)
+    keyframes = KeyframeSampler(args.keyframe_size) if args.keyframes else None
     stop = stop_on_signals()
     log.info("producer running", extra={"fields": {"session": featurizer.session, "extractor": featurizer.extractor}})
     try:
@@ -87,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
                 for record in done.records:
                     producer.send(outgoing(names.features, record))
                     metrics.VIDEO_SECONDS.labels(record.stream_id).inc()
+                if keyframes is not None:
+                    keyframes.add(items)
+                    for keyframe in keyframes.take(done.records):
+                        producer.send(outgoing(names.keyframes, keyframe))
                 for stream_id, count in done.frames.items():
                     metrics.FRAMES_DECODED.labels(stream_id).inc(count)
                 for error in done.errors:

@@ -3,7 +3,8 @@
 Features and moment codes are the high-volume records, so they use a compact binary layout: a fixed little-endian
 header (magic ``b"VMH"``, record type, format version, flags, stream id length), the stream id in UTF-8, the
 record's fixed fields, then the raw array bytes (float16 features or packed uint8 codes). A 1280-d feature record
-is about 2.6 kB, and encoding is a ``struct.pack`` plus one ``tobytes``. Standing queries, match events and errors
+is about 2.6 kB, and encoding is a ``struct.pack`` plus one ``tobytes``. Keyframes use the same layout with the
+JPEG's bytes as the payload. Standing queries, match events and errors
 are JSON (UTF-8, with ``"type"`` and ``"v"`` fields) so that any Kafka client or a human can read them.
 
 ``decode`` raises ``MalformedRecord`` and nothing else for bytes that are not a valid record, so a worker can
@@ -40,8 +41,11 @@ FEATURES_FIELDS = struct.Struct("<qdddIBB")
 # start, end, capture time, emitted time, bits, model id and session id lengths; then the model id, the session id,
 # uint8 [bits / 8]
 MOMENT_FIELDS = struct.Struct("<qqddHHB")
+# second index t, media time, capture time, session id length; then the session id, the JPEG bytes
+KEYFRAME_FIELDS = struct.Struct("<qddB")
+JPEG_START = b"\xff\xd8\xff"  # the SOI marker and the first segment's marker
 
-_FEATURES_TYPE, _MOMENT_TYPE = 1, 2
+_FEATURES_TYPE, _MOMENT_TYPE, _KEYFRAME_TYPE = 1, 2, 3
 _GAP_FLAG, _LAST_FLAG = 1, 2  # features: both; moments: only _LAST_FLAG
 _FLOAT16 = np.dtype("<f2")
 
@@ -150,6 +154,29 @@ class MomentCode(_Record):
 
 
 @dataclass(frozen=True, eq=False)
+class Keyframe(_Record):
+    """The JPEG of one stream second (its frame nearest the middle of the second), numbered like that second's
+    features record (``t`` of producer session ``session``), so a moment [start, end) is shown by the keyframes of
+    its seconds."""
+
+    KIND: ClassVar[str] = "keyframe"
+    stream_id: str
+    t: int
+    media_time: float
+    capture_time: float
+    jpeg: bytes
+    session: str = ""
+
+    def __post_init__(self) -> None:
+        _check_key("stream_id", self.stream_id)
+        _check_int(self, "t", low=0)
+        _check_times(self, "media_time", "capture_time")
+        _check_text("session", self.session, MAX_TAG_BYTES)
+        if not isinstance(self.jpeg, bytes) or not self.jpeg.startswith(JPEG_START):
+            raise InvalidRecord(f"jpeg must be the bytes of a JPEG image, got {bytes(self.jpeg[:8])!r}")
+
+
+@dataclass(frozen=True, eq=False)
 class StandingQuery(_Record):
     """A registered query: match every new moment within ``threshold`` bits (Hamming distance) of ``code``.
 
@@ -252,7 +279,7 @@ class ErrorRecord(_Record):
             raise InvalidRecord(f"context must map strings to strings, numbers or None, got {self.context!r}")
 
 
-Record = FrameFeatures | MomentCode | StandingQuery | MatchEvent | ErrorRecord
+Record = FrameFeatures | MomentCode | Keyframe | StandingQuery | MatchEvent | ErrorRecord
 _JSON_TYPES: dict[str, type] = {cls.KIND: cls for cls in (StandingQuery, MatchEvent, ErrorRecord)}
 
 
@@ -271,6 +298,11 @@ def encode(record: Record) -> bytes:
         fields = MOMENT_FIELDS.pack(record.start, record.end, record.capture_time, record.emitted_time, record.bits,
                                     len(model), len(session))
         return b"".join((head, sid, fields, model, session, record.code.tobytes()))
+    if isinstance(record, Keyframe):
+        sid, session = record.stream_id.encode(), record.session.encode()
+        head = PREFIX.pack(MAGIC, _KEYFRAME_TYPE, BINARY_VERSION, 0, len(sid))
+        fields = KEYFRAME_FIELDS.pack(record.t, record.media_time, record.capture_time, len(session))
+        return b"".join((head, sid, fields, session, record.jpeg))
     if isinstance(record, (StandingQuery, MatchEvent, ErrorRecord)):
         obj: dict[str, Any] = {"type": record.KIND, "v": VERSION}
         obj.update((f.name, getattr(record, f.name)) for f in dataclasses.fields(record))
@@ -310,7 +342,7 @@ def is_tombstone(value: bytes | None) -> bool:
 
 def record_key(record: Record) -> bytes:
     """The Kafka key: the stream id for per-stream records, the query id for queries and matches, else the source."""
-    if isinstance(record, (FrameFeatures, MomentCode)):
+    if isinstance(record, (FrameFeatures, MomentCode, Keyframe)):
         return record.stream_id.encode()
     if isinstance(record, (StandingQuery, MatchEvent)):
         return record.query_id.encode()
@@ -356,6 +388,13 @@ def _decode_binary(data: bytes) -> Record:
         code = np.frombuffer(data, dtype=np.uint8, count=bits // 8, offset=offset)
         return MomentCode(stream_id, start, end, code, bits, capture_time, emitted_time, model, session,
                           bool(flags & _LAST_FLAG))
+    if rtype == _KEYFRAME_TYPE:
+        if flags:
+            raise MalformedRecord(f"unknown flags {flags:#x} in a keyframe record")
+        t, media_time, capture_time, session_len = _unpack(KEYFRAME_FIELDS, data, offset, "keyframe fields")
+        offset += KEYFRAME_FIELDS.size
+        session = _text(data[offset:offset + session_len], session_len, "session id")
+        return Keyframe(stream_id, t, media_time, capture_time, data[offset + session_len:], session)
     raise MalformedRecord(f"unknown binary record type {rtype}")
 
 

@@ -25,6 +25,7 @@ def _retained(retention_ms: int, segment_ms: int) -> dict[str, str]:
 TOPIC_CONFIGS: dict[str, dict[str, str]] = {
     "features": _retained(_DAY_MS, _HOUR_MS),
     "moments": _retained(7 * _DAY_MS, 6 * _HOUR_MS),
+    "keyframes": _retained(_DAY_MS, _HOUR_MS),  # for looking at: kept like the features they go with
     "queries": {
         "cleanup.policy": "compact",
         "min.compaction.lag.ms": str(60_000),  # a query stays readable as written for at least a minute
@@ -57,6 +58,10 @@ class Topics:
     @property
     def moments(self) -> str:
         return self.name("moments")
+
+    @property
+    def keyframes(self) -> str:
+        return self.name("keyframes")
 
     @property
     def queries(self) -> str:
