@@ -247,6 +247,38 @@ def test_timeline_resumes_from_wall_clock_after_a_hole() -> None:
     assert timeline.place(500.0, now=103.08) == pytest.approx(3.08)
 
 
+def test_timeline_needs_only_the_first_presented_packet_of_each_slot() -> None:
+    timeline = _Timeline(sample_rate=2)  # slots of 0.5 s
+    assert timeline.needed(0.0)  # before the session's clock is placed, every packet is needed
+    timeline.place(0.0, now=0.0)
+    timeline.take(0.0)
+    # decode order of an IBBP stream at 10 fps: P 0.3, then the B-frames it anchors, 0.1 and 0.2
+    assert [timeline.needed(t) for t in (0.3, 0.1, 0.2)] == [False, False, False]  # slot 0 is sampled already
+    # slot 1 (0.5-1.0): P 0.8 arrives before B 0.6 and B 0.7; B 0.6 is presented first, so it is needed too
+    assert [timeline.needed(t) for t in (0.8, 0.6, 0.7)] == [True, True, False]
+
+
+def test_bframes_skipped_give_the_sampled_frames_of_a_full_decode(tmp_path: Path) -> None:
+    """Frames of a non-reference B-frame file sampled with skipping equal the same frames of a full decode."""
+    from workers.bench.decode import reference
+
+    path = tmp_path / "bframes.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"preset": "ultrafast", "bf": "3", "b-pyramid": "none"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(100):  # a moving gradient, so that neighbouring frames differ
+            image = np.roll(np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (48, 1, 3)), i, axis=1)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    with av.open(str(path)) as container:
+        types = Counter(int(frame.pict_type) for frame in container.decode(video=0))
+    assert types[int(av.video.frame.PictureType.B)] > 30  # the file does hold B-frames to skip
+    ours = list(VideoSource(str(path), options=SourceOptions(sample_rate=3, frame_size=32)))
+    theirs = reference(str(path), 3, 32)
+    assert [f.media_time for f in ours] == pytest.approx([t for t, _ in theirs], abs=1e-6) and len(ours) == 12
+    assert all(np.array_equal(f.rgb, rgb) for f, (_, rgb) in zip(ours, theirs))
+
+
 def test_live_source_gives_up_after_reconnect_attempts(clip: Path) -> None:
     """A live source whose server goes away: backoff, then a specific error rather than retrying forever."""
     calls: list[float] = []

@@ -7,6 +7,13 @@ one pass, every other frame is decoded (the codec needs it as a reference) and d
 Live sources (network streams, capture devices) reconnect with exponential backoff when they end, fail or stall;
 media time then resumes from the wall-clock time that passed, and the first sampled frame after the hole carries
 the missing seconds in ``gap``, so the hole is visible downstream instead of silently joining two moments.
+
+When several frames fall in one sampling slot, the decoder skips the non-reference frames (B-frames, mostly) that
+cannot be the slot's sampled one: libavcodec's ``skip_frame = "NONREF"`` is set for the packets whose presentation
+time comes after an earlier packet of the same slot. Reference frames are always decoded, so every frame that is
+decoded, and so every sampled frame, has the pixels and timestamp of a full decode. The one assumption is that a
+non-reference frame arrives after every earlier-presented frame (true of every H.264/HEVC encoder's ordering); were it
+broken, a slot would take its next decoded frame instead.
 """
 
 from __future__ import annotations
@@ -145,6 +152,7 @@ class _Timeline:
         self.offset = 0.0  # media time = presentation time + offset
         self.anchor: str | None = "start"  # how to place the next session: start, loop, resume
         self.pending_gap = 0.0
+        self._first: dict[int, float] = {}  # slot -> earliest presentation time demuxed in it, recent slots only
 
     def place(self, t: float, now: float) -> float:
         """Media time of a frame presented at ``t`` (session clock), decoded at monotonic time ``now``."""
@@ -171,6 +179,23 @@ class _Timeline:
             self.pending_gap += start - self.last_media - self.interval
         self.offset = start - t
         self.anchor = None
+        self._first.clear()
+
+    def needed(self, t: float) -> bool:
+        """Whether the packet presented at ``t`` (session clock) may hold its slot's sampled frame: not when an
+        earlier-presented packet of the slot was demuxed before it, nor when the slot is sampled already."""
+        if self.anchor is not None:
+            return True  # the session's clock is not placed yet
+        slot = math.floor((t + self.offset) * self.rate + _EPS)
+        first = self._first.get(slot)
+        if first is None:
+            self._first[slot] = t
+            if len(self._first) > 16:  # reordering spans a few frames; forget old slots
+                for old in [s for s in self._first if s < slot - 8]:
+                    del self._first[old]
+            return slot > self.last_slot
+        self._first[slot] = min(first, t)
+        return t <= first and slot > self.last_slot
 
     def take(self, media: float) -> bool:
         """Sample the first frame at or after each 1/rate boundary of media time."""
@@ -290,6 +315,7 @@ class VideoSource:
         """Sampled frames of one opened container; errors of a live source become ``_Reconnect``."""
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        codec, time_base, skipping = stream.codec_context, float(stream.time_base or 0), False
         size = self.options.frame_size
         scaler = VideoReformatter()  # one per session keeps libswscale's context cached between frames
         stall = self.options.stall_timeout
@@ -300,6 +326,9 @@ class VideoSource:
                     return
                 if self.live and time.monotonic() - last_frame_at > stall:
                     raise _Reconnect(f"no frame for {stall:g}s")
+                if packet.pts is not None and time_base and skipping == timeline.needed(packet.pts * time_base):
+                    skipping = not skipping
+                    codec.skip_frame = "NONREF" if skipping else "DEFAULT"
                 for frame in packet.decode():
                     now = time.monotonic()
                     last_frame_at = now

@@ -4,6 +4,12 @@ Both decode every frame of the same 720p H.264 file (Big Buck Bunny from scikit-
 least ``seconds``) and convert the sampled ones, the first frame at or after each 1/rate boundary of media time,
 to RGB at frame_size x frame_size with area averaging. The reference is the loop a PyAV user writes:
 ``av.open``, ``thread_type = "AUTO"``, ``for frame in container.decode(video=0)``, ``frame.to_ndarray(...)``.
+
+The clip is I/P only, like most camera streams, so both sides decode every frame. A second case re-encodes it with
+B-frames, as many files and some cameras carry them, in two layouts: three non-reference B-frames between references
+(IBBBP, as hardware encoders make them by default) and x264's default pyramid (the middle B-frame of three is a
+reference). There ours skips the non-reference frames no sampled slot needs, while the reference still decodes them
+all; the check holds both to the same sampled frames, timestamps and pixels.
 """
 
 from __future__ import annotations
@@ -71,6 +77,24 @@ def looped(source: str, seconds: float, out: str) -> tuple[int, float]:
         return loops * len(packets), float(loops * span * stream.time_base)
 
 
+def with_bframes(source: str, out: str, pyramid: bool) -> str:
+    """Re-encode ``source`` with up to three H.264 B-frames in a row, the middle one a reference with ``pyramid``.
+    The decoded frames keep the source's picture types, which x264 would obey, so they are cleared."""
+    import av
+
+    with av.open(source) as inp, av.open(out, "w") as output:
+        stream = output.add_stream("libx264", rate=inp.streams.video[0].average_rate,
+                                   options={"preset": "veryfast", "crf": "23", "bf": "3",
+                                            "b-pyramid": "normal" if pyramid else "none"})
+        stream.width, stream.height = inp.streams.video[0].width, inp.streams.video[0].height
+        stream.pix_fmt = "yuv420p"
+        for frame in inp.decode(video=0):
+            frame.pict_type = av.video.frame.PictureType.NONE
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode())
+    return out
+
+
 def ours(path: str, sample_rate: float, frame_size: int) -> list[tuple[float, object]]:
     from pipeline.video.source import SourceOptions, VideoSource
 
@@ -116,15 +140,22 @@ def cases(params: Params, stack: ExitStack) -> list[Case]:
     if not Path(source).is_file():
         raise FileNotFoundError(f"no video at {source}")
     workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="vmh-bench-decode-"))
-    path = os.path.join(workdir, "looped.mp4")
+    name = Path(source).stem
+    return [_case(name, source, os.path.join(workdir, "looped.mp4"), params)] + [
+        _case(f"{name} {layout}", with_bframes(source, os.path.join(workdir, f"b{pyramid}.mp4"), pyramid),
+              os.path.join(workdir, f"looped-b{pyramid}.mp4"), params)
+        for layout, pyramid in (("IBBBP", False), ("B-pyramid", True))]
+
+
+def _case(label: str, source: str, path: str, params: Params) -> Case:
     frames, seconds = looped(source, params.seconds, path)
     args = (path, params.sample_rate, params.frame_size)
-    return [Case(
-        label=f"{Path(source).stem} {seconds:.1f}s",
+    return Case(
+        label=f"{label} {seconds:.1f}s",
         ours=lambda: ours(*args),
         reference=lambda: reference(*args),
         work=frames,
         check=check,
         amounts=lambda out: {"video seconds": seconds, "sampled frames": len(out)},
         notes={"video": source, "looped_seconds": round(seconds, 3), "video_frames": frames},
-    )]
+    )
