@@ -25,3 +25,25 @@ def pick_device(setting: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceUnavailable(f"device {setting!r} requested but MPS is not available here")
     return device
+
+
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_vpopcntdq", "amx_int8", "asimd",
+              "sve")  # what the matching kernels' speeds depend on
+
+
+def cpu_flags() -> dict[str, object]:
+    """The CPU model, its SIMD flags that matter for matching, and the instruction set torch dispatches to: what
+    a benchmark figure or a kernel choice depends on."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": model, "simd": [flag for flag in SIMD_FLAGS if flag in flags],
+            "torch_capability": torch.backends.cpu.get_cpu_capability()}

@@ -88,6 +88,8 @@ _DECLARED = [
     Setting("metrics-port", 0, "port for the Prometheus metrics endpoint; 0 disables it", int),
     Setting("bus-timeout", 30.0, "seconds a blocking Kafka call (commit, flush, delivery) may take before the worker "
             "gives up and exits non-zero", float),
+    Setting("matching-kernel", "auto", "Hamming search kernel of the query worker: auto (timed at start-up, faiss "
+            "unless another is clearly faster here), faiss, popcount or matmul"),
     Setting("stream-idle-timeout", 600.0, "seconds without records after which a stream's state is freed (open "
             "clusters published)", float),
     Setting("device", "auto", "torch device: auto (CUDA when present), cpu or cuda"),

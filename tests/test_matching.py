@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import faiss
 import numpy as np
@@ -17,7 +18,7 @@ from pipeline.matching.archive import MomentArchive
 from pipeline.matching.matcher import BinaryIndex, range_search, topk
 from pipeline.matching.standing import Hit, HitMerger, StandingQueries, temporal_iou
 
-KERNELS = ["popcount", "matmul"]
+KERNELS = ["faiss", "popcount", "matmul"]
 
 
 def _random_codes(rng, n, nbytes, distinct=256):
@@ -114,6 +115,17 @@ def test_compaction_keeps_results_exact(kernel, monkeypatch):
     index.add(codes)
     for ours, theirs in zip(index.search(queries, 3), _faiss(codes).search(queries, 3)):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_auto_kernel_is_calibrated_once_and_logged_with_the_cpu(caplog):
+    matcher.chosen_kernel.cache_clear()
+    with caplog.at_level(logging.INFO, logger=matcher.__name__):
+        kernel = matcher.chosen_kernel(many=True)
+        assert matcher.chosen_kernel(many=True) == kernel  # cached: timed once per process
+    assert kernel in KERNELS
+    (record,) = [r for r in caplog.records if r.getMessage() == "matching kernel chosen"]
+    assert set(record.fields["pairs_per_s"]) == set(KERNELS) and record.fields["kernel"] == kernel
+    assert "simd" in record.fields["cpu_flags"] and record.fields["cpu_flags"]["cpu"]
 
 
 def test_index_grows_and_functions_agree():

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "checkpoint", "device", "torch-threads", "bootstrap-servers", "topic-prefix", "metrics-port",
                  "stream-idle-timeout", "bus-timeout")
+    add_settings(parser, "matching-kernel")
     parser.add_argument("--group", default=None,
                         help="consumer group of the query workers [default: <topic-prefix>-query]")
     parser.add_argument("--instance", default=socket.gethostname(),
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     matcher = LiveMatcher(model.config.bits, model_id, text_encoder(model, SentenceEncoder()), settle=args.settle,
                           threshold=config.get("threshold"), moments_per_second=lambda second: moments_ending_at(second, kernels, strides),
                           longest_moment=max(kernels), archive_size=args.archive_size,
-                          archive_age=args.archive_hours * 3600, idle_timeout=args.stream_idle_timeout)
+                          archive_age=args.archive_hours * 3600, idle_timeout=args.stream_idle_timeout,
+                          kernel=args.matching_kernel)
     bootstrap = bootstrap_servers(args.bootstrap_servers)
     names = topics(args.topic_prefix)
     group = args.group or f"{args.topic_prefix}-query"

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.bus.records import BAD_QUERY, ErrorRecord, InvalidQuery, MatchEvent, MomentCode, StandingQuery
 from pipeline.matching.archive import ArchiveHit, MomentArchive
+from pipeline.matching.matcher import chosen_kernel
 from pipeline.matching.standing import Hit, HitMerger, StandingQueries
 from pipeline.partitions import Origin, Partition, StreamPartitions
 
@@ -47,7 +48,8 @@ def text_encoder(model, sentences) -> TextEncoder:
 class LiveMatcher:
     """Standing queries, hit merging and the per-partition archives of one code space (``bits``, ``model``).
 
-    ``threshold`` is the model's calibrated one, given to queries registered without a threshold of their own.
+    ``threshold`` is the model's calibrated one, given to queries registered without a threshold of their own;
+    ``kernel`` is the standing-query matching kernel (``pipeline.matching.matcher.KERNELS``).
     ``archive_size`` and ``archive_age`` bound each partition's archive; ``longest_moment`` (seconds) bounds how
     much of a stream ``restore`` replays through the merger (all of it when None).
     """
@@ -65,11 +67,14 @@ class LiveMatcher:
         archive_size: int = 1_000_000,
         archive_age: float | None = 24 * 3600.0,
         idle_timeout: float | None = None,
+        kernel: str = "auto",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bits, self.model, self.encode_text, self.clock = bits, model, encode_text, clock
         self.threshold = threshold  # the model's calibrated one, for queries registered without
-        self.queries = StandingQueries(bits, model)
+        self.queries = StandingQueries(bits, model, kernel)
+        if kernel == "auto":  # timed now, at start-up, rather than in the first batch
+            chosen_kernel(many=False), chosen_kernel(many=True)
         self.merger = HitMerger(settle=settle)
         self.moments_per_second, self.longest_moment = moments_per_second, longest_moment
         self.archive_size, self.archive_age, self.idle_timeout = archive_size, archive_age, idle_timeout

@@ -3,24 +3,31 @@
 Conventions, as faiss (the tests check equality with faiss-cpu): top-k distances ascend and ties go to the lower
 database index; when k exceeds the database, rows are padded with distance ``MISSING_DISTANCE`` (INT32_MAX) and
 index -1; ``range_search`` returns, per query, the codes with distance strictly below the radius in database order.
+Every kernel gives exactly these results, so which one runs changes the speed only.
 
-The database is scanned in tiles with one of two kernels:
-- ``popcount``: XOR with each query and ``np.bitwise_count`` on the widest words, cheapest for a few queries;
+Kernels:
+- ``faiss``: faiss's own Hamming scans (``knn_hamming``, ``hamming_range_search``) over this index's array, no copy;
+  range search goes tile by tile so that a tile of codes stays in cache while every query passes over it;
+- ``popcount``: XOR with each query and ``np.bitwise_count`` on the widest words;
 - ``matmul``: with the codes as +-1 vectors, q . x = bits - 2 d(q, x), so a block of queries against a tile of
-  codes is one int8 matrix product (``torch._int_mm``), which the CPU's int8 dot-product instructions compute
-  faster than per-pair popcounts; it reads an unpacked copy of the database (bits bytes per code).
-Hits are rare, so a tile is first reduced to its row minima and only rows with a hit are compared and scanned
-(``_below``). Top-k never sorts a tile: each query keeps a bound (its k-th best distance so far, set from the first
-tile by a partition), only codes strictly below it are collected (a later code loses ties), and the collected
-candidates are compacted with one sort of packed (query, distance, index) keys whenever they double.
+  codes is one int8 matrix product (``torch._int_mm``); fast only where the CPU has int8 dot-product instructions
+  that torch uses (VNNI, AMX): on an AVX2-only AMD EPYC it compared 3.0e6 pairs/s against faiss's 5.8e8.
+``auto`` picks per regime (fewer or at least ``MANY_QUERIES`` queries) by a calibration of a few milliseconds on
+first use in the process (``chosen_kernel``): faiss unless another kernel is more than ``_FAISS_MARGIN`` times as
+fast on this machine, so no machine gets a path much slower than faiss.
 
-Measured on this project's 2-core Xeon (AVX-512 VNNI), one thread each, 1M random 128-bit codes x 1000 queries:
-about 1.4x faiss's speed for top-10 and range search, 1.05-1.15x for top-100; for fewer than
-``MATMUL_MIN_QUERIES`` queries the popcount kernel is 1.5-2x slower than faiss.
+In the popcount and matmul kernels hits are rare, so a tile is first reduced to its row minima and only rows with a
+hit are compared and scanned (``_below``). Top-k never sorts a tile: each query keeps a bound (its k-th best
+distance so far, set from the first tile by a partition), only codes strictly below it are collected (a later code
+loses ties), and the collected candidates are compacted with one sort of packed (query, distance, index) keys
+whenever they double.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -31,10 +38,14 @@ from pipeline.codes.packing import CodeError, as_words
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 MISSING_DISTANCE = int(np.iinfo(np.int32).max)
 MISSING_INDEX = -1
-KERNELS = ("auto", "popcount", "matmul")
-MATMUL_MIN_QUERIES = 24  # from this many queries on, "auto" uses the matmul kernel
+KERNELS = ("auto", "faiss", "popcount", "matmul")
+MANY_QUERIES = 24  # "auto" calibrates searches of fewer queries and of at least this many apart
+_FAISS_MARGIN = 1.1  # "auto" takes another kernel than faiss only when it is this many times as fast
+_FAISS_RANGE_TILE = 32768  # database codes per faiss range-search call: 512 KB of 128-bit codes, in L2
 _POPCOUNT_TILE_PAIRS = 1 << 16  # query x code pairs per popcount tile: the uint64 scratch stays in L2
 _MATMUL_TILE = 2048  # database codes per matmul tile
 _MATMUL_BLOCK = 256  # queries per matrix product: the 2 MB int32 output tile stays in L2
@@ -44,9 +55,9 @@ _COMPACT_BUDGET = 1 << 16  # candidates collected before they are compacted to k
 class BinaryIndex:
     """Packed ``bits``-bit codes searched exhaustively, like faiss ``IndexBinaryFlat(bits)``.
 
-    ``add`` only appends; the layouts the kernels read (word planes, unpacked bits) are built on the first search
-    after it and kept, so build the index once and search it many times. Searches reuse scratch memory: do not
-    search one index from two threads at once.
+    ``add`` only appends; the layouts the popcount and matmul kernels read (word planes, unpacked bits) are built
+    on their first search after it and kept, so build the index once and search it many times. Searches reuse
+    scratch memory: do not search one index from two threads at once.
     """
 
     def __init__(self, bits: int, kernel: str = "auto") -> None:
@@ -73,6 +84,8 @@ class BinaryIndex:
         queries = self._check(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        if self._kernel(len(queries)) == "faiss" and len(queries) and self.ntotal:
+            return faiss_knn(queries, self._codes, int(k))
         best, scale, tiles = _TopK(len(queries), int(k), self.bits, self.ntotal), *self._tiles(queries)
         for q0, n0, values in tiles:
             best.offer(q0, n0, values, scale)
@@ -94,15 +107,10 @@ class BinaryIndex:
             raise ValueError(f"radius must be an integer or an int array [N], got {radius!r}")
         radii = np.broadcast_to(np.asarray(radius, np.int64), (self.ntotal,))
         rows, dists, cols = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-        scale, tiles = self._tiles(queries)
-        for q0, n0, values in tiles:
-            own = radii[n0:n0 + values.shape[1]]
-            r, c = _below(values, scale.value(int(own.max())))
-            d = scale.distance(values[r, c])
-            keep = d < own[c]
-            rows.append(r[keep] + q0)
-            dists.append(d[keep])
-            cols.append(c[keep] + n0)
+        for r, d, c in self._range_tiles(queries, radii):
+            rows.append(r)
+            dists.append(d)
+            cols.append(c)
         q = np.concatenate(rows)
         order = np.argsort(q, kind="stable")  # tiles come in database order, so each query's results stay in it
         lims = np.zeros(len(queries) + 1, np.int64)
@@ -116,12 +124,36 @@ class BinaryIndex:
                             f"got {codes.dtype} {list(codes.shape)}")
         return codes
 
+    def _kernel(self, queries: int) -> str:
+        return chosen_kernel(queries >= MANY_QUERIES) if self.kernel == "auto" else self.kernel
+
+    def _range_tiles(self, queries: np.ndarray, radii: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+        """(query rows, distances, database indices) of the hits below each code's radius, tile by tile in
+        database order. A tile is searched at its largest radius, then each hit is kept below its code's own."""
+        if not (len(queries) and self.ntotal):
+            return
+        if self._kernel(len(queries)) == "faiss":
+            for n0 in range(0, self.ntotal, _FAISS_RANGE_TILE):
+                own = radii[n0:n0 + _FAISS_RANGE_TILE]
+                r, d, c = faiss_range(queries, self._codes[n0:n0 + _FAISS_RANGE_TILE], min(int(own.max()),
+                                                                                            self.bits + 1))
+                keep = d < own[c]
+                yield r[keep], d[keep], c[keep] + n0
+            return
+        scale, tiles = self._tiles(queries)
+        for q0, n0, values in tiles:
+            own = radii[n0:n0 + values.shape[1]]
+            r, c = _below(values, scale.value(int(own.max())))
+            d = scale.distance(values[r, c])
+            keep = d < own[c]
+            yield r[keep] + q0, d[keep], c[keep] + n0
+
     def _tiles(self, queries: np.ndarray) -> tuple[_Scale, Iterator[tuple[int, int, np.ndarray]]]:
-        """The kernel's value scale and its tiles (first query, first code, values [Qb, Nb]) in database order."""
-        use_matmul = self.kernel == "matmul" or (self.kernel == "auto" and len(queries) >= MATMUL_MIN_QUERIES)
+        """The popcount or matmul kernel's value scale and its tiles (first query, first code, values [Qb, Nb]) in
+        database order."""
         if not (len(queries) and self.ntotal):
             return _Scale.of(1, 0, np.uint8), iter(())
-        if use_matmul:
+        if self._kernel(len(queries)) == "matmul":
             return _Scale.of(2, self.bits, np.int32), self._matmul_tiles(queries)
         return _Scale.of(1, 0, np.min_scalar_type(self.bits)), self._popcount_tiles(queries)
 
@@ -263,6 +295,68 @@ def _below(values: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray]:
         return np.divmod(np.flatnonzero(values < value), values.shape[1])
     r, c = np.divmod(np.flatnonzero(values[rows] < value), values.shape[1])
     return rows[r], c
+
+
+def _faiss():
+    """faiss, with as many OpenMP threads as torch has (the torch-threads setting): depending on import order the
+    two share a pool or not, and idle threads of an unbounded one spin and starve the process's others."""
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    return faiss
+
+
+def faiss_knn(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's exact heap top-k of ``codes`` for each query, on the arrays as they are (no index, no copy)."""
+    faiss = _faiss()
+    return faiss.knn_hamming(np.ascontiguousarray(queries), np.ascontiguousarray(codes), k)
+
+
+def faiss_range(queries: np.ndarray, codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """faiss's range search (distance < radius) of ``codes``: (query rows, distances, indices) of the hits, each
+    query's in database order."""
+    faiss = _faiss()
+    queries, codes = np.ascontiguousarray(queries), np.ascontiguousarray(codes)
+    result = faiss.RangeSearchResult(len(queries))
+    faiss.hamming_range_search(faiss.swig_ptr(queries), faiss.swig_ptr(codes), len(queries), len(codes),
+                               int(radius), codes.shape[1], result)
+    lims = faiss.rev_swig_ptr(result.lims, len(queries) + 1).astype(np.int64)
+    hits = int(lims[-1])
+    distances = faiss.rev_swig_ptr(result.distances, hits).astype(np.int64)
+    indices = faiss.rev_swig_ptr(result.labels, hits).astype(np.int64)
+    return np.repeat(np.arange(len(queries)), np.diff(lims)), distances, indices
+
+
+@functools.cache
+def chosen_kernel(many: bool) -> str:
+    """The kernel ``auto`` runs for fewer than (``many`` False) or at least ``MANY_QUERIES`` queries on this
+    machine: each kernel times a top-10 over random 128-bit codes (about 10^6 pairs, one warm-up call that builds
+    its layouts, best of three; a kernel whose warm-up takes 20 times faiss's is not timed further)."""
+    from pipeline.device import cpu_flags
+
+    rng = np.random.default_rng(0)
+    queries, n = (256, 4096) if many else (4, 1 << 18)
+    codes = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    probe = rng.integers(0, 256, (queries, 16), dtype=np.uint8)
+    rates: dict[str, float] = {}
+    for kernel in ("faiss", "popcount", "matmul"):
+        index = BinaryIndex(128, kernel)
+        index.add(codes)
+        seconds = []
+        for _ in range(4):
+            started = time.perf_counter()
+            index.search(probe, 10)
+            seconds.append(time.perf_counter() - started)
+            if kernel != "faiss" and seconds[0] * rates["faiss"] > 20 * queries * n:
+                break
+        rates[kernel] = queries * n / min(seconds[1:] or seconds)
+    best = max(rates, key=rates.__getitem__)
+    chosen = best if rates[best] > _FAISS_MARGIN * rates["faiss"] else "faiss"
+    log.info("matching kernel chosen", extra={"fields": {
+        "queries": f">= {MANY_QUERIES}" if many else f"< {MANY_QUERIES}", "kernel": chosen,
+        "pairs_per_s": {k: float(f"{v:.3g}") for k, v in rates.items()}, "cpu_flags": cpu_flags()}})
+    return chosen
 
 
 def topk(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -47,10 +47,11 @@ class StandingQueries:
     that each tile of the search holds similar radii. The stack is rebuilt on the first match after a change.
     """
 
-    def __init__(self, bits: int, model: str = "") -> None:
+    def __init__(self, bits: int, model: str = "", kernel: str = "auto") -> None:
         if bits <= 0 or bits % 8:
             raise CodeError(f"code length must be a positive multiple of 8 bits, got {bits}")
-        self.bits, self.model = bits, model
+        BinaryIndex(bits, kernel)  # checks the kernel's name now, not at the first match
+        self.bits, self.model, self.kernel = bits, model, kernel
         self._queries: dict[str, StandingQuery] = {}
         self._index: BinaryIndex | None = None  # None after a change
         self._ids: list[str] = []  # the index's rows
@@ -96,7 +97,7 @@ class StandingQueries:
             queries = sorted(self._queries.values(), key=lambda q: (q.threshold, q.query_id))
             self._ids = [q.query_id for q in queries]
             self._radii = np.array([q.threshold + 1 for q in queries], np.int64)
-            self._index = BinaryIndex(self.bits)
+            self._index = BinaryIndex(self.bits, self.kernel)
             self._index.add(_stack([q.code for q in queries]))
         lims, distances, rows = self._index.range_search(_stack([m.code for m in moments]), self._radii)
         which = np.repeat(np.arange(len(moments)), np.diff(lims))
