@@ -104,6 +104,9 @@ _DECLARED = [
             "things are (1: global pooling only)", int),
     Setting("open-timeout", 10.0, "seconds to wait for a video source to connect and send its headers", float),
     Setting("stall-timeout", 10.0, "seconds without video data or frames before a live source reconnects", float),
+    Setting("max-lag", 2.0, "seconds a live stream's frames may fall behind their capture before the producer drops "
+            "them (whole seconds, marked as gaps) to keep up; files pushed without --realtime are never dropped",
+            float),
     Setting("keyframes", True, "publish one JPEG per stream second to <prefix>.keyframes, for the web view", boolean),
     Setting("keyframe-size", 320, "side in pixels of the keyframe JPEGs", int),
     # model

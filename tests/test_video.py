@@ -175,13 +175,17 @@ def test_resolve_target() -> None:
 
 def test_options_from_settings_and_validation() -> None:
     parser = argparse.ArgumentParser()
-    add_settings(parser, "sample-rate", "frame-size", "open-timeout", "stall-timeout")
-    options = SourceOptions.from_args(parser.parse_args(["--sample-rate", "2", "--stall-timeout", "3"]), loop=True)
-    assert (options.sample_rate, options.stall_timeout, options.loop, options.realtime) == (2.0, 3.0, True, False)
+    add_settings(parser, "sample-rate", "frame-size", "open-timeout", "stall-timeout", "max-lag")
+    options = SourceOptions.from_args(parser.parse_args(["--sample-rate", "2", "--stall-timeout", "3", "--max-lag", "4"]),
+                                      loop=True)
+    assert (options.sample_rate, options.stall_timeout, options.max_lag, options.loop, options.realtime) == (
+        2.0, 3.0, 4.0, True, False)
     with pytest.raises(ValueError, match="sample_rate"):
         SourceOptions(sample_rate=0)
     with pytest.raises(ValueError, match="frame_size"):
         SourceOptions(frame_size=4)
+    with pytest.raises(ValueError, match="max_lag"):
+        SourceOptions(max_lag=0)
 
 
 def test_realtime_paces_like_a_live_source(tmp_path: Path) -> None:

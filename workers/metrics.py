@@ -17,6 +17,8 @@ VIDEO_SECONDS = Counter("vmh_video_seconds_total", "Seconds of video turned into
 MOMENTS = Counter("vmh_moments_total", "Candidate moment codes published")
 MATCHES = Counter("vmh_matches_total", "Match events published")
 ERRORS = Counter("vmh_errors_total", "Errors by kind (each also published as an error record)", ["kind"])
+DROPPED_SECONDS = Counter("vmh_dropped_seconds_total", "Media seconds of live streams dropped to keep up (gaps)",
+                          ["stream"])
 DELIVERY_ERRORS = Counter("vmh_delivery_errors_total", "Records the producer could not deliver to Kafka")
 STREAMS = Gauge("vmh_streams", "Streams whose state the worker holds (freed when they end or go idle)", ["worker"])
 CONSUMER_LAG = Gauge("vmh_consumer_lag_records", "Records behind the end of the input topic", ["topic", "partition"])

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop", action="store_true", help="repeat files forever")
     parser.add_argument("--batch-frames", type=int, default=64, help="most frames per CNN batch, across streams")
     add_settings(parser, "checkpoint", "sample-rate", "frame-size", "spatial-grid", "backbone", "backbone-weights", "device",
-                 "torch-threads", "open-timeout", "stall-timeout", "bootstrap-servers", "topic-prefix", "metrics-port",
+                 "torch-threads", "open-timeout", "stall-timeout", "max-lag", "bootstrap-servers", "topic-prefix", "metrics-port",
                  "bus-timeout", "keyframes", "keyframe-size")
 
 
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.bus.topics import create_topics, topics
     from pipeline.features.backbone import FrameEncoder
     from pipeline.features.live import LiveFeaturizer
+    from pipeline.features.shedding import LoadShedder
     from pipeline.video.keyframes import KeyframeSampler
     from pipeline.video.multi import MultiSource
     from pipeline.video.source import SourceOptions, VideoSource
@@ -73,14 +74,16 @@ def run(args: argparse.Namespace) -> int:
     if trained_on is not None and encoder.identity() != trained_on:
         raise SystemExit(f"vmh producer: this frame extractor is not the one {args.checkpoint} was trained on: "
                          + differences(trained_on, encoder.identity()))
-    featurizer = LiveFeaturizer(encoder)
-    producer = CheckedProducer(bootstrap, args.bus_timeout, on_failure=lambda error: metrics.DELIVERY_ERRORS.inc())
     options = SourceOptions.from_args(args, realtime=args.realtime, loop=args.loop)
+    sources = [VideoSource(source, stream_id, options) for stream_id, source in specs]
+    shedder = LoadShedder(args.max_lag, [s.stream_id for s in sources if s.live or args.realtime])
+    featurizer = LiveFeaturizer(encoder, shedder=shedder)
+    producer = CheckedProducer(bootstrap, args.bus_timeout, on_failure=lambda error: metrics.DELIVERY_ERRORS.inc())
     keyframes = KeyframeSampler(args.keyframe_size) if args.keyframes else None
     stop = stop_on_signals()
     log.info("producer running", extra={"fields": {"session": featurizer.session, "extractor": featurizer.extractor}})
     try:
-        with MultiSource(VideoSource(source, stream_id, options) for stream_id, source in specs) as streams:
+        with MultiSource(sources) as streams:
             for items in streams.batches(args.batch_frames, stop):
                 started = time.perf_counter()
                 done = featurizer.process(items)
@@ -95,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
                         producer.send(outgoing(names.keyframes, keyframe))
                 for stream_id, count in done.frames.items():
                     metrics.FRAMES_DECODED.labels(stream_id).inc(count)
+                for stream_id, seconds in done.dropped.items():
+                    metrics.DROPPED_SECONDS.labels(stream_id).inc(seconds)
                 for error in done.errors:
                     producer.send(error_outgoing(names.errors, error))
                 for stream_id in done.ended:

@@ -4,7 +4,8 @@ Each stream's seconds are numbered 0, 1, 2, ... by this session, contiguously: a
 the lost media time on the first record after it, so the encoder downstream always sees one unbroken sequence.
 Records name the producer session and the extractor that made them. A stream that ends marks its final second
 ``last``; when that second already went out (it was complete before the end was known), it goes out once more,
-marked, as the end marker.
+marked, as the end marker. With a ``LoadShedder``, late seconds of live streams are dropped before the CNN and
+show as gaps on the records after them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from pipeline.bus.records import CORRUPT_VIDEO, DEAD_SOURCE, ErrorRecord, FrameFeatures, extractor_id
 from pipeline.features.backbone import FrameEncoder
 from pipeline.features.pooling import PooledSecond, SecondPooler
+from pipeline.features.shedding import LoadShedder
 from pipeline.video.multi import Item, StreamEnded, StreamError
 from pipeline.video.source import CorruptSource, SampledFrame
 
@@ -32,17 +34,19 @@ class Featurized:
     errors: list[ErrorRecord] = field(default_factory=list)
     ended: list[str] = field(default_factory=list)
     frames: dict[str, int] = field(default_factory=dict)  # sampled frames per stream
+    dropped: dict[str, float] = field(default_factory=dict)  # media seconds shed per stream
 
 
 class LiveFeaturizer:
     """Batches frames of all streams through the CNN at once and pools them into one record per stream second."""
 
     def __init__(self, encoder: FrameEncoder, clock: Callable[[], float] = time.time,
-                 session: str | None = None) -> None:
+                 session: str | None = None, shedder: LoadShedder | None = None) -> None:
         self.encoder = encoder
         rate = encoder.sample_rate
         self.pooler = SecondPooler(int(rate) if float(rate).is_integer() else None)
         self.clock = clock
+        self.shedder = shedder
         self.session = session or uuid.uuid4().hex[:16]
         self.extractor = extractor_id(encoder.identity())
         self._next_t: dict[str, int] = {}
@@ -51,6 +55,8 @@ class LiveFeaturizer:
     def process(self, items: Sequence[Item]) -> Featurized:
         out = Featurized()
         frames = [item for item in items if isinstance(item, SampledFrame)]
+        if self.shedder is not None:
+            frames, out.dropped = self.shedder.admit(frames, self.clock())
         if frames:
             features = self.encoder.encode(np.stack([f.rgb for f in frames]))
             out.records += self._records(self.pooler.add(frames, features))
@@ -59,6 +65,8 @@ class LiveFeaturizer:
             if isinstance(item, (StreamEnded, StreamError)):
                 out.records += self._end(item.stream_id)
                 out.ended.append(item.stream_id)
+                if self.shedder is not None:
+                    self.shedder.forget(item.stream_id)
             if isinstance(item, StreamError):
                 out.errors.append(self._error(item))
         return out

@@ -14,6 +14,11 @@ time comes after an earlier packet of the same slot. Reference frames are always
 decoded, and so every sampled frame, has the pixels and timestamp of a full decode. The one assumption is that a
 non-reference frame arrives after every earlier-presented frame (true of every H.264/HEVC encoder's ordering); were it
 broken, a slot would take its next decoded frame instead.
+
+A live source (or a file paced as one) that the process cannot keep up with sheds load instead of queueing: once a
+decoded frame is more than ``max_lag`` seconds behind the source's own schedule, the decoder drops every packet up
+to the next keyframe (inter frames cannot be decoded without their references), and the first frame after the hole
+carries the dropped media seconds in ``gap`` and ``dropped``. Files that are not paced are never dropped.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "udp", "tcp", "srt")
 _EPS = 1e-6  # timestamps are rationals turned into floats: 0.25 may arrive as 0.2499999
+_DRIFT = 1e-3  # seconds a second a live source's clock may run slow against ours without counting as lag
 
 
 class SourceError(Exception):
@@ -66,9 +72,10 @@ class SampledFrame:
     stream_id: str
     second: int
     media_time: float
-    capture_time: float  # wall clock (time.time()) when the frame was decoded, or released when paced
+    capture_time: float  # wall clock (time.time()) when the frame arrived, or was due when paced, before any backlog
     rgb: np.ndarray  # uint8 [frame_size, frame_size, 3]
     gap: float = 0.0
+    dropped: float = 0.0  # the part of ``gap`` shed to keep up with a live source (the rest: reconnects)
 
 
 @dataclass(frozen=True)
@@ -83,18 +90,19 @@ class SourceOptions:
     reconnect_attempts: int = 10  # consecutive failed reconnects before giving up
     backoff: float = 0.5  # first wait between reconnects, doubled each failure
     backoff_max: float = 30.0
+    max_lag: float = 2.0  # seconds a live frame may fall behind its schedule before the decoder sheds up to a keyframe
 
     def __post_init__(self) -> None:
         if not self.sample_rate > 0:
             raise ValueError(f"sample_rate must be > 0, got {self.sample_rate}")
         if self.frame_size < 16:
             raise ValueError(f"frame_size must be >= 16 pixels, got {self.frame_size}")
-        if self.open_timeout <= 0 or self.stall_timeout <= 0:
-            raise ValueError("open_timeout and stall_timeout must be > 0")
+        if self.open_timeout <= 0 or self.stall_timeout <= 0 or self.max_lag <= 0:
+            raise ValueError("open_timeout, stall_timeout and max_lag must be > 0")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, realtime: bool = False, loop: bool = False) -> SourceOptions:
-        """From the settings sample-rate, frame-size, open-timeout and stall-timeout."""
+        """From the settings sample-rate, frame-size, open-timeout, stall-timeout and max-lag."""
         return cls(
             args.sample_rate,
             args.frame_size,
@@ -102,6 +110,7 @@ class SourceOptions:
             loop,
             open_timeout=args.open_timeout,
             stall_timeout=args.stall_timeout,
+            max_lag=args.max_lag,
         )
 
 
@@ -152,7 +161,10 @@ class _Timeline:
         self.offset = 0.0  # media time = presentation time + offset
         self.anchor: str | None = "start"  # how to place the next session: start, loop, resume
         self.pending_gap = 0.0
+        self.pending_dropped = 0.0
         self._first: dict[int, float] = {}  # slot -> earliest presentation time demuxed in it, recent slots only
+        self.origin: float | None = None  # monotonic time at which media time 0 was due
+        self._lag_at = 0.0
 
     def place(self, t: float, now: float) -> float:
         """Media time of a frame presented at ``t`` (session clock), decoded at monotonic time ``now``."""
@@ -197,6 +209,18 @@ class _Timeline:
         self._first[slot] = min(first, t)
         return t <= first and slot > self.last_slot
 
+    def lag(self, media: float, now: float, paced: bool) -> float:
+        """Seconds the frame at ``media``, decoded at ``now``, is behind the source's schedule. A paced file's schedule
+        is fixed by its first frame; a live source's is its earliest arrival seen, let drift by 1 ms a second so that
+        a camera clock slower than ours is not taken for a growing backlog."""
+        due = now - media
+        if self.origin is None:
+            self.origin = due
+        elif not paced:
+            self.origin = min(due, self.origin + _DRIFT * (now - self._lag_at))
+        self._lag_at = now
+        return due - self.origin
+
     def take(self, media: float) -> bool:
         """Sample the first frame at or after each 1/rate boundary of media time."""
         slot = math.floor(media * self.rate + _EPS)
@@ -239,7 +263,6 @@ class VideoSource:
 
     def __iter__(self) -> Iterator[SampledFrame]:
         timeline = _Timeline(self.options.sample_rate)
-        paced_from: float | None = None  # monotonic time at media time 0, when pacing a file
         failures = 0
         while not self._stop.is_set():
             try:
@@ -255,10 +278,9 @@ class VideoSource:
                     with container:
                         for frame in self._session(container, timeline):
                             if self.options.realtime and not self.live:
-                                if paced_from is None:
-                                    paced_from = time.monotonic() - frame.media_time
-                                self._stop.wait(max(0.0, paced_from + frame.media_time - time.monotonic()))
-                                frame = replace(frame, capture_time=time.time())
+                                due = timeline.origin + frame.media_time
+                                self._stop.wait(max(0.0, due - time.monotonic()))
+                                frame = replace(frame, capture_time=time.time() - max(0.0, time.monotonic() - due))
                             produced = True
                             yield frame
                 except _Reconnect as e:
@@ -316,6 +338,10 @@ class VideoSource:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         codec, time_base, skipping = stream.codec_context, float(stream.time_base or 0), False
+        paced = self.options.realtime and not self.live
+        sheddable = self.live or paced
+        shed_from: float | None = None  # media time where the decoder began dropping up to a keyframe
+        skip_packets = False  # from the drop to the next keyframe packet
         size = self.options.frame_size
         scaler = VideoReformatter()  # one per session keeps libswscale's context cached between frames
         stall = self.options.stall_timeout
@@ -326,6 +352,10 @@ class VideoSource:
                     return
                 if self.live and time.monotonic() - last_frame_at > stall:
                     raise _Reconnect(f"no frame for {stall:g}s")
+                if skip_packets and not packet.is_keyframe:
+                    last_frame_at = time.monotonic()  # data is coming; it is dropped, not stalled
+                    continue
+                skip_packets = False
                 if packet.pts is not None and time_base and skipping == timeline.needed(packet.pts * time_base):
                     skipping = not skipping
                     codec.skip_frame = "NONREF" if skipping else "DEFAULT"
@@ -338,12 +368,27 @@ class VideoSource:
                     if self.live:
                         timeline.rebase_if_discontinuous(t, now, stall)
                     media = timeline.place(t, now)
+                    lag = timeline.lag(media, now, paced)
+                    if shed_from is not None and not frame.key_frame:
+                        continue  # in flight in the decoder's threads when the drop began
+                    if sheddable and lag > self.options.max_lag:
+                        if shed_from is None:
+                            log.info("stream %s: %.1fs behind; dropping up to the next keyframe", self.stream_id, lag)
+                            shed_from = media
+                        skip_packets = True
+                        continue
+                    if shed_from is not None:
+                        dropped, shed_from = media - shed_from, None
+                        timeline.pending_gap += dropped
+                        timeline.pending_dropped += dropped
                     if not timeline.take(media):
                         continue
                     # area averaging does not alias when shrinking HD to 224; one thread: the decoder has the rest
                     rgb = scaler.reformat(frame, size, size, "rgb24", interpolation="AREA", threads=1).to_ndarray()
                     gap, timeline.pending_gap = timeline.pending_gap, 0.0
-                    yield SampledFrame(self.stream_id, math.floor(media + _EPS), media, time.time(), rgb, gap)
+                    dropped, timeline.pending_dropped = timeline.pending_dropped, 0.0
+                    yield SampledFrame(self.stream_id, math.floor(media + _EPS), media, time.time() - max(0.0, lag),
+                                       rgb, gap, dropped)
                     last_frame_at = time.monotonic()  # time spent downstream is not a stall
         except av.error.FFmpegError as e:
             if self.live:
