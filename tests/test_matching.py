@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pipeline.bus.records import InvalidQuery, MomentCode, StandingQuery
 from pipeline.codes.packing import CodeError, hamming
-from pipeline.matching import matcher
+from pipeline.matching import archive as archive_module, matcher
 from pipeline.matching.archive import MomentArchive
 from pipeline.matching.matcher import BinaryIndex, range_search, topk
 from pipeline.matching.standing import Hit, HitMerger, StandingQueries, temporal_iou
@@ -399,3 +399,64 @@ def test_archive_ties_prefer_the_newest_and_bad_codes_are_rejected():
         archive.search(np.zeros(16, np.uint8))
     with pytest.raises(CodeError):
         archive.add([MomentCode("cam", 0, 1, np.zeros(16, np.uint8), 128, 0.0, 0.0)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 50), st.sampled_from([2, 3, 256]), st.integers(1, 30),
+       st.sampled_from([None, 40.0, 200.0]), st.integers(0, 2**32 - 1))
+def test_archive_search_equals_brute_force_across_blocks(n, capacity_blocks, distinct, k, max_age, seed):
+    """Blocks of 16 moments, capture times out of order, heavy ties, no extra candidates (so blocks with more ties
+    at the k-th distance are searched again): the documented ranking (distance, capture time newest first, newest
+    archived first) over what capacity and age keep, whatever the range."""
+    rng = np.random.default_rng(seed)
+    capacity = 16 * capacity_blocks // 3 + 1
+    times = 1000.0 + np.arange(n) * 0.5 + rng.integers(-4, 5, n)  # about capture order, 12 moments a second
+    codes = _random_codes(rng, n, 4, distinct)
+    moments = [MomentCode(f"s{i % 3}", i, i + 1 + i % 7, codes[i], 32, float(times[i]), 0.0) for i in range(n)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(archive_module, "BLOCK", 16)
+        patch.setattr(archive_module, "_EXTRA", 0)
+        archive = MomentArchive(32, capacity=capacity, max_age=max_age)
+        for i in range(0, n, 37):
+            archive.add(moments[i:i + 37])
+    kept = list(enumerate(moments))[-capacity:]
+    if max_age is not None:
+        kept = [(i, m) for i, m in kept if m.capture_time >= times.max() - max_age]
+    assert len(archive) == len(kept)
+    query = _random_codes(rng, 1, 4, distinct)[0]
+    since, until = sorted(rng.uniform(995.0, 1010.0 + n * 0.5, 2))
+    for low, high in ((None, None), (since, until), (since, None)):
+        inside = [(i, m) for i, m in kept if (low is None or m.capture_time >= low)
+                  and (high is None or m.capture_time <= high)]
+        expected = sorted(inside, key=lambda im: (int(hamming(query[None], im[1].code[None])[0, 0]),
+                                                  -im[1].capture_time, -im[0]))[:k]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(archive_module, "_EXTRA", 0)
+            hits = archive.search(query, since=low, until=high, top_k=k)
+        assert [(h.stream_id, h.start, h.end, h.capture_time) for h in hits] == \
+            [(m.stream_id, m.start, m.end, m.capture_time) for _, m in expected]
+        assert [h.distance for h in hits] == [int(hamming(query[None], m.code[None])[0, 0]) for _, m in expected]
+
+
+def test_archive_ties_at_the_kth_distance_beyond_a_blocks_candidates(monkeypatch):
+    monkeypatch.setattr(archive_module, "BLOCK", 16)
+    monkeypatch.setattr(archive_module, "_EXTRA", 0)
+    code = np.zeros(4, np.uint8)
+    archive = MomentArchive(32, capacity=100)
+    archive.add([MomentCode("cam", i, i + 1, code, 32, 1000.0 + i // 2, 0.0) for i in range(64)])
+    # every block's faiss top-5 are its first rows; the newest are the last rows of the last block
+    assert [h.start for h in archive.search(code, top_k=5)] == [63, 62, 61, 60, 59]
+
+
+def test_archive_memory_is_its_columns_allocated_block_by_block(monkeypatch):
+    monkeypatch.setattr(archive_module, "BLOCK", 1000)
+    rng = np.random.default_rng(9)
+    archive = MomentArchive(128, capacity=2500, max_age=None)
+    assert archive.bytes_per_moment == 34 and archive.nbytes == 0  # 16 bytes of code, 18 of metadata
+    archive.add(_moments(rng, 10, bits=128))
+    assert archive.nbytes == 1000 * 34
+    archive.add(_moments(rng, 2500, bits=128))
+    archive.add(_moments(rng, 1500, bits=128))  # the newest 2500 of 4010 are kept: the first block is freed
+    assert len(archive) == 2500 and archive.nbytes == 4 * 1000 * 34
+    with pytest.raises(ValueError, match="spans"):
+        archive.add([MomentCode("cam", 0, 70_000, np.zeros(16, np.uint8), 128, 0.0, 0.0)])
