@@ -102,6 +102,8 @@ _DECLARED = [
     Setting("frame-size", 224, "side in pixels frames are resized to before the CNN", int),
     Setting("spatial-grid", 1, "cells a side of the feature map also pooled cell by cell, so features keep where "
             "things are (1: global pooling only)", int),
+    Setting("motion-grid", 0, "cells a side of the optical-flow motion features appended to every frame's, so "
+            "features say which way things move (0: none)", int),
     Setting("open-timeout", 10.0, "seconds to wait for a video source to connect and send its headers", float),
     Setting("stall-timeout", 10.0, "seconds without video data or frames before a live source reconnects", float),
     Setting("max-lag", 2.0, "seconds a live stream's frames may fall behind their capture before the producer drops "

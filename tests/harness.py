@@ -100,12 +100,13 @@ def render_synthetic(path: Path, duration: float = 12.0, seed: int = 3) -> Path:
     return path
 
 
-def narrow_cmhn(preset: str, video_dim: int = 6):
+def narrow_cmhn(preset: str, video_dim: int = 6, motion_dim: int = 0):
     """A preset's kernels, dilations and heads with narrow float64 layers, so model tests run in milliseconds."""
     from dataclasses import replace
 
     from pipeline.model import CMHN, PRESETS
 
     depth = len(PRESETS[preset].channels)
-    config = replace(PRESETS[preset], video_dim=video_dim, bits=16, channels=tuple(range(8 + depth, 8, -1)))
+    config = replace(PRESETS[preset], video_dim=video_dim, bits=16, channels=tuple(range(8 + depth, 8, -1)),
+                     motion_dim=motion_dim)
     return CMHN(config).double().eval()

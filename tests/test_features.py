@@ -173,6 +173,7 @@ def test_encoder_identity(encoder: FrameEncoder) -> None:
         "frame_size": 64,
         "sample_rate": 2,
         "spatial_grid": 1,
+        "motion_grid": 0,
         "dim": 1280,
     }
     assert identity["weights_sha256"].startswith("b0353104")  # torchvision names its files by the hash prefix

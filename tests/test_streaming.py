@@ -17,15 +17,15 @@ V = 6
 pytestmark = pytest.mark.usefixtures("one_thread_seeded")
 
 
-def narrow(preset: str) -> CMHN:
+def narrow(preset: str, motion_dim: int = 0) -> CMHN:
     """Narrow float64 CMHN of a preset, TCN weights scaled up so that even the farthest taps move the outputs; a
     preset that whitens its inputs (lite) has the whitening fitted on skewed data, so streaming must apply it too."""
-    model = narrow_cmhn(preset, V)
+    model = narrow_cmhn(preset, V, motion_dim)
     for parameter in model.ven.tcn.parameters():
         torch.nn.init.normal_(parameter)
     if model.config.whiten:
         skewed = torch.randn(300, V, dtype=torch.float64) * torch.arange(1, V + 1) + 3
-        model.ven.whiten.fit_pca(skewed)
+        model.ven.whiten.fit_pca(skewed, standardised=motion_dim)
         assert not torch.allclose(model.ven.whiten.projection, torch.eye(V, dtype=torch.float64))
     return model.eval()
 
@@ -59,9 +59,9 @@ SCHEDULES = {
 }
 
 
-@pytest.mark.parametrize("preset", list(SCHEDULES))
-def test_streams_batched_together_equal_full_passes(preset: str) -> None:
-    model = narrow(preset)
+@pytest.mark.parametrize("preset, motion_dim", [(preset, 0) for preset in SCHEDULES] + [("lite", 2)])
+def test_streams_batched_together_equal_full_passes(preset: str, motion_dim: int) -> None:
+    model = narrow(preset, motion_dim)
     encoder = StreamingEncoder(model)
     schedule = SCHEDULES[preset]
     features = {sid: torch.randn(length, V, dtype=torch.float64) for sid, _, length in schedule}

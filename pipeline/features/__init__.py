@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 # extractor identity keys added after checkpoints and feature directories were first written, with the value every
 # extractor had before them, so an identity recorded then still names the same frame path
-IDENTITY_DEFAULTS = {"spatial_grid": 1}
+IDENTITY_DEFAULTS = {"spatial_grid": 1, "motion_grid": 0}
 
 
 def complete_identity(identity: dict) -> dict:
@@ -26,7 +26,8 @@ def complete_identity(identity: dict) -> dict:
 
 
 def video_features(path: str | os.PathLike, encoder: FrameEncoder, batch_size: int = 64) -> np.ndarray:
-    """float16 [T, V]: one L2-normalised vector per second of the video at ``path`` (T = its last second + 1).
+    """float16 [T, V]: one vector per second of the video at ``path`` (T = its last second + 1), pooled as the
+    producer pools them.
 
     A second without any sampled frame (a hole in the file) is a zero row, so row t is always second t.
     """
@@ -34,12 +35,13 @@ def video_features(path: str | os.PathLike, encoder: FrameEncoder, batch_size: i
     from pipeline.video.source import SourceOptions, VideoSource
 
     source = VideoSource(os.fspath(path), options=SourceOptions(encoder.sample_rate, encoder.frame_size, live=False))
-    pooler = SecondPooler()
+    pooler = SecondPooler(motion_dim=encoder.motion_dim)
     frames = iter(source)
     seconds = []
     while batch := list(islice(frames, batch_size)):
-        seconds += pooler.add(batch, encoder.encode(np.stack([f.rgb for f in batch])))
+        seconds += pooler.add(batch, encoder.encode_frames(batch))
     seconds += pooler.flush()
     out = np.zeros((seconds[-1].second + 1, encoder.dim), np.float16)
     out[[s.second for s in seconds]] = np.stack([s.vector for s in seconds])
+    encoder.forget(source.stream_id)
     return out

@@ -8,6 +8,9 @@ A globally pooled vector says what is in a frame but hardly where, so an action 
 be read from a sequence of them. ``spatial_grid`` g > 1 keeps the layout: the output is the global average of the
 backbone's final feature map followed by the averages of its g x g cells ((1 + g^2) x 1280 for MobileNetV2), for
 backbones with a ``features`` trunk (MobileNet, EfficientNet, ConvNeXt, ...).
+
+Nor does a frame say which way things move: ``motion_grid`` g > 0 appends optical-flow cells of the stream's
+consecutive frames (pipeline.features.motion) to every frame's vector, for ``encode_frames``, which knows streams.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import hashlib
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +28,10 @@ import torchvision
 from torch import nn
 
 from pipeline.device import pick_device
+from pipeline.features.motion import MotionEncoder, motion_dim
+
+if TYPE_CHECKING:
+    from pipeline.video.source import SampledFrame
 
 DEFAULT_BACKBONE = "mobilenet_v2"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,7 +87,8 @@ def build_backbone(name: str, weights_path: str) -> nn.Module:
 
 
 class FrameEncoder:
-    """uint8 RGB frames [N, H, W, 3] -> float32 features [N, dim], batched, on the chosen device.
+    """uint8 RGB frames [N, H, W, 3] -> float32 features [N, dim], batched, on the chosen device: the CNN's
+    ``appearance_dim`` features, then ``motion_dim`` flow cells when motion is on.
 
     ``sample_rate`` does not change the CNN, but it is part of what the per-second features mean, so it travels in
     ``identity()`` with the rest and training features and live features are made by the same definition.
@@ -95,6 +103,7 @@ class FrameEncoder:
         sample_rate: float = 4.0,
         batch_size: int = 64,
         spatial_grid: int = 1,
+        motion_grid: int = 0,
     ) -> None:
         if not weights_path and name != DEFAULT_BACKBONE:
             raise MissingWeights(f"backbone {name!r} needs a weights file (--backbone-weights); none installs offline")
@@ -117,20 +126,41 @@ class FrameEncoder:
         std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std)
         self._shift = -torch.tensor(_IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) / std
-        self.dim = int(self._forward(np.zeros((1, frame_size, frame_size, 3), np.uint8)).shape[1])
+        self.appearance_dim = int(self._forward(np.zeros((1, frame_size, frame_size, 3), np.uint8)).shape[1])
+        if not (isinstance(motion_grid, int) and motion_grid >= 0):
+            raise BackboneError(f"motion grid must be a whole number of cells >= 0 a side, got {motion_grid!r}")
+        self.motion_grid, self.motion_dim = motion_grid, motion_dim(motion_grid)
+        self.motion = MotionEncoder(motion_grid, sample_rate) if motion_grid else None
+        self.dim = self.appearance_dim + self.motion_dim
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FrameEncoder:
-        """From the settings backbone, backbone-weights, device, frame-size and sample-rate."""
+        """From the settings backbone, backbone-weights, device, frame-size, sample-rate, spatial-grid and
+        motion-grid."""
         return cls(args.backbone, args.backbone_weights, args.device, args.frame_size, args.sample_rate,
-                   spatial_grid=args.spatial_grid)
+                   spatial_grid=args.spatial_grid, motion_grid=args.motion_grid)
+
+    def encode_frames(self, frames: Sequence[SampledFrame]) -> np.ndarray:
+        """Sampled frames of any streams, each stream in media-time order -> [N, dim]: what a features record
+        holds per frame before pooling."""
+        side = self.frame_size
+        appearance = self.encode(np.stack([f.rgb for f in frames]) if frames else np.empty((0, side, side, 3), np.uint8))
+        if self.motion is None:
+            return appearance
+        return np.concatenate([appearance, self.motion.encode(frames)], axis=1)
+
+    def forget(self, stream_id: str) -> None:
+        """The stream ended: drop what motion kept of it."""
+        if self.motion is not None:
+            self.motion.forget(stream_id)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
+        """Appearance only: the CNN's features of each frame on its own."""
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
             raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
         outs = [self._forward(frames[i : i + self.batch_size]) for i in range(0, len(frames), self.batch_size)]
-        return np.concatenate(outs) if outs else np.empty((0, self.dim), np.float32)
+        return np.concatenate(outs) if outs else np.empty((0, self.appearance_dim), np.float32)
 
     @torch.inference_mode()
     def _forward(self, frames: np.ndarray) -> np.ndarray:
@@ -155,6 +185,7 @@ class FrameEncoder:
             "frame_size": self.frame_size,
             "sample_rate": self.sample_rate,
             "spatial_grid": self.spatial_grid,
+            "motion_grid": self.motion_grid,
             "dim": self.dim,
         }
 

@@ -44,7 +44,7 @@ class LiveFeaturizer:
                  session: str | None = None, shedder: LoadShedder | None = None) -> None:
         self.encoder = encoder
         rate = encoder.sample_rate
-        self.pooler = SecondPooler(int(rate) if float(rate).is_integer() else None)
+        self.pooler = SecondPooler(int(rate) if float(rate).is_integer() else None, encoder.motion_dim)
         self.clock = clock
         self.shedder = shedder
         self.session = session or uuid.uuid4().hex[:16]
@@ -58,7 +58,7 @@ class LiveFeaturizer:
         if self.shedder is not None:
             frames, out.dropped = self.shedder.admit(frames, self.clock())
         if frames:
-            features = self.encoder.encode(np.stack([f.rgb for f in frames]))
+            features = self.encoder.encode_frames(frames)
             out.records += self._records(self.pooler.add(frames, features))
             out.frames = Counter(f.stream_id for f in frames)
         for item in items:
@@ -76,6 +76,7 @@ class LiveFeaturizer:
         records = self._records(self.pooler.flush(stream_id))
         final = records.pop() if records else self._latest.get(stream_id)
         self._latest.pop(stream_id, None)
+        self.encoder.forget(stream_id)
         return records + ([replace(final, last=True)] if final is not None else [])
 
     def _records(self, seconds: list[PooledSecond]) -> list[FrameFeatures]:

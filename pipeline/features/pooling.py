@@ -1,6 +1,7 @@
 """One vector per second of video: the CMHN clip unit.
 
-Frame features are averaged inside each (stream, second) and L2-normalised, as the reference does. A second is
+Frame features are averaged inside each (stream, second) and L2-normalised, as the reference does; a motion tail
+(flow cells, pipeline.features.motion) is averaged and keeps its unit, frame sides per second. A second is
 emitted as soon as it is complete, which for a stream read in order is when a frame of a later second arrives
 (or the stream ends), so a live second leaves the producer one frame interval after its last frame.
 """
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 class PooledSecond:
     stream_id: str
     second: int
-    vector: np.ndarray  # float32 [V], unit L2 norm
+    vector: np.ndarray  # float32 [V]: appearance of unit L2 norm, then the motion tail
     frames: int  # sampled frames averaged into it
     capture_time: float  # wall clock of its last frame: when the second was complete upstream
     gap: float  # media seconds missing just before it (a reconnect), 0 when none
@@ -38,10 +39,12 @@ class _Partial:
 class SecondPooler:
     """Accumulates frame features of many streams; ``add`` and ``flush`` return the seconds completed."""
 
-    def __init__(self, frames_per_second: int | None = None) -> None:
+    def __init__(self, frames_per_second: int | None = None, motion_dim: int = 0) -> None:
         """With ``frames_per_second`` (the sampler's rate, when whole) a second is emitted as soon as it holds that
-        many frames, instead of when the next second's first frame arrives: 1 / rate sooner on a live stream."""
+        many frames, instead of when the next second's first frame arrives: 1 / rate sooner on a live stream. The
+        last ``motion_dim`` features are the motion tail."""
         self.frames_per_second = frames_per_second
+        self.motion_dim = motion_dim
         self._open: dict[str, _Partial] = {}
         self._emitted: dict[str, int] = {}  # last second emitted early, per stream
 
@@ -85,22 +88,26 @@ class SecondPooler:
             if self.frames_per_second and partial.frames >= self.frames_per_second:
                 done.append((name, self._open.pop(name)))
                 self._emitted[name] = second
-        return _finish(done)
+        return _finish(done, self.motion_dim)
 
     def flush(self, stream_id: str | None = None) -> list[PooledSecond]:
         """End of a stream (or of all streams): emit what is still open."""
         names = list(self._open) if stream_id is None else [stream_id] if stream_id in self._open else []
         for name in [stream_id] if stream_id is not None else list(self._emitted):
             self._emitted.pop(name, None)
-        return _finish([(name, self._open.pop(name)) for name in names])
+        return _finish([(name, self._open.pop(name)) for name in names], self.motion_dim)
 
 
-def _finish(done: list[tuple[str, _Partial]]) -> list[PooledSecond]:
-    """Normalise the completed sums in one go; the mean's direction is the sum's, so dividing by counts is moot."""
+def _finish(done: list[tuple[str, _Partial]], motion_dim: int) -> list[PooledSecond]:
+    """Normalise the completed sums' appearance in one go (the mean's direction is the sum's, so dividing by
+    counts is moot there) and average their motion tails."""
     if not done:
         return []
     totals = np.stack([p.total for _, p in done])
-    vectors = (totals / np.maximum(np.linalg.norm(totals, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    head = totals.shape[1] - motion_dim
+    vectors = np.empty(totals.shape, np.float32)
+    vectors[:, :head] = totals[:, :head] / np.maximum(np.linalg.norm(totals[:, :head], axis=1, keepdims=True), 1e-12)
+    vectors[:, head:] = totals[:, head:] / np.array([p.frames for _, p in done])[:, None]
     return [
         PooledSecond(name, p.second, vectors[i], p.frames, p.capture_time, p.gap) for i, (name, p) in enumerate(done)
     ]

@@ -34,6 +34,7 @@ class CMHNConfig:
     sentence_dim: int = 384
     causal: bool = True
     whiten: int = 0  # > 0: video features PCA-whitened to this many dims (at most V), sentences standardised
+    motion_dim: int = 0  # the last video features are motion (flow cells): standardised beside the PCA, not in it
 
     def __post_init__(self) -> None:
         if self.bits <= 0 or self.bits % 8:
@@ -46,11 +47,15 @@ class CMHNConfig:
             raise ValueError(f"video_dim and sentence_dim must be positive, got {self.video_dim}, {self.sentence_dim}")
         if self.whiten < 0:
             raise ValueError(f"whiten must be >= 0 dims, got {self.whiten}")
+        if not 0 <= self.motion_dim < self.video_dim:
+            raise ValueError(f"motion_dim must be in [0, video_dim), got {self.motion_dim} of {self.video_dim}")
 
     @property
     def tcn_input(self) -> int:
-        """Width of what the TCN reads: the whitened features (at most V wide), or the features themselves."""
-        return min(self.whiten, self.video_dim) if self.whiten else self.video_dim
+        """Width of what the TCN reads: the whitened appearance (at most its width) and the motion features, or the
+        features themselves."""
+        appearance = self.video_dim - self.motion_dim
+        return min(self.whiten, appearance) + self.motion_dim if self.whiten else self.video_dim
 
 
 PRESETS: dict[str, CMHNConfig] = {
@@ -114,20 +119,26 @@ class Whitening(nn.Module):
         return (x - self.mean) @ self.projection
 
     @torch.no_grad()
-    def fit_pca(self, x: torch.Tensor, ridge: float = 1e-3) -> None:
+    def fit_pca(self, x: torch.Tensor, ridge: float = 1e-3, standardised: int = 0) -> None:
         """PCA whitening to ``projection``'s width: each principal component over its standard deviation, plus
         ``ridge`` times the largest, so near-empty directions are not blown up; with fewer inputs than that width
-        the components past their rank stay zero. Seeded apart from the caller's RNG (the randomized PCA draws from
-        it), so fitting changes nothing else in a seeded run."""
+        the components past their rank stay zero. The last ``standardised`` dims (motion, whose variance is too
+        small to survive a PCA of the whole) are kept apart: standardised (with the same ridge) into the last
+        columns. Seeded apart from
+        the caller's RNG (the randomized PCA draws from it), so fitting changes nothing else in a seeded run."""
         x = x.to(self.mean)
         self.mean.copy_(x.mean(0))
-        rank = min(self.projection.shape[1], *x.shape)
+        head, width = x.shape[1] - standardised, self.projection.shape[1] - standardised
+        rank = min(width, len(x), head)
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            _, s, v = torch.pca_lowrank(x - self.mean, q=rank, center=False, niter=4)
+            _, s, v = torch.pca_lowrank(x[:, :head] - self.mean[:head], q=rank, center=False, niter=4)
         std = s / max(len(x) - 1, 1) ** 0.5
         self.projection.zero_()
-        self.projection[:, :rank] = v / (std + ridge * std[0])
+        self.projection[:head, :rank] = v / (std + ridge * std[0])
+        if standardised:
+            tail = x[:, head:].std(0)
+            self.projection[head:, width:] = torch.diag(1 / (tail + ridge * tail.max()))
 
     @torch.no_grad()
     def fit_standard(self, x: torch.Tensor, eps: float = 1e-3) -> None:
@@ -195,18 +206,18 @@ class CMHN(nn.Module):
         """Fit the input whitening (when the config asks for it) on training features [sum T, V] and sentence
         vectors [M, S]; sentences are few, so they are only standardised."""
         if self.config.whiten:
-            self.ven.whiten.fit_pca(videos)
+            self.ven.whiten.fit_pca(videos, standardised=self.config.motion_dim)
             self.qen[0].fit_standard(sentences)
 
 
 def build_cmhn(
     preset: str, *, video_dim: int = 1280, sentence_dim: int = 384, bits: int | None = None, causal: bool = True,
-    whiten: int | None = None,
+    whiten: int | None = None, motion_dim: int = 0,
 ) -> CMHN:
-    """A freshly initialised CMHN of a preset (input whitening as the preset's unless given); load weights with
-    pipeline.model.checkpoint."""
+    """A freshly initialised CMHN of a preset (input whitening as the preset's unless given; ``motion_dim``: the
+    extractor's motion tail); load weights with pipeline.model.checkpoint."""
     config = get_preset(preset)
     bits = config.bits if bits is None else bits
     whiten = config.whiten if whiten is None else whiten
     return CMHN(replace(config, video_dim=video_dim, sentence_dim=sentence_dim, bits=bits, causal=causal,
-                        whiten=whiten))
+                        whiten=whiten, motion_dim=motion_dim))

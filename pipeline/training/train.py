@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.features.motion import motion_dim
 from pipeline.model import (CMHN, build_cmhn, candidate_spans, cmhn_loss, load_checkpoint, save_checkpoint,
                             smooth_sign, target_iou)
 from pipeline.model.checkpoint import calibrated_threshold, set_calibration
@@ -79,7 +80,7 @@ def train(
         raise TrainError(f"need training and validation videos, got {len(train_samples)} and {len(val_samples)}")
     options, out = options.resolved(), Path(out)
     device = train_samples[0].video.device
-    model = _model(options, train_samples[0], device)
+    model = _model(options, train_samples[0], device, motion_dim(int(extractor.get("motion_grid", 0))))
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr, fused=True)  # 5x the default's speed on CPU
     run = _run_record(options, train_samples[0], extractor, sentence_encoder)
     start, best_epoch, best_score, history = 0, 0, -1.0, []
@@ -131,9 +132,9 @@ def _postfix(epoch: int, epochs: int, loss: float, best: float) -> dict[str, str
     return {"epoch": f"{epoch}/{epochs}", "loss": f"{loss:.4g}", "best val": f"{best:.3f}" if best >= 0 else "-"}
 
 
-def _model(options: TrainOptions, sample: Sample, device: torch.device) -> CMHN:
+def _model(options: TrainOptions, sample: Sample, device: torch.device, motion: int) -> CMHN:
     torch.manual_seed(options.seed)
-    dims = {"video_dim": sample.video.shape[1], "sentence_dim": sample.sentence_vectors.shape[1]}
+    dims = {"video_dim": sample.video.shape[1], "sentence_dim": sample.sentence_vectors.shape[1], "motion_dim": motion}
     return build_cmhn(options.preset, bits=options.bits, causal=options.causal, whiten=options.whiten,
                       **dims).to(device)
 
