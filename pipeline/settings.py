@@ -85,7 +85,11 @@ _DECLARED = [
     Setting("kafka-client-id", "", "client id the brokers see in their logs and quotas; empty: kafka-python's",
             table="kafka"),
     # workers
-    Setting("metrics-port", 0, "port for the Prometheus metrics endpoint; 0 disables it", int),
+    Setting("metrics-port", 0, "port for the Prometheus metrics endpoint and /healthz; 0 disables it", int),
+    Setting("metrics-address", "127.0.0.1", "address the metrics server binds (0.0.0.0 or :: to be scraped from "
+            "other hosts, as in a container)"),
+    Setting("health-deadline", 60.0, "seconds the worker's loop may go without completing a poll before /healthz "
+            "answers 503", float),
     Setting("bus-timeout", 30.0, "seconds a blocking Kafka call (commit, flush, delivery) may take before the worker "
             "gives up and exits non-zero", float),
     Setting("matching-kernel", "auto", "Hamming search kernel of the query worker: auto (timed at start-up, faiss "

@@ -59,6 +59,7 @@ def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: N
         while not stop.is_set():
             between_batches()
             processor.process_once(timeout_ms=200)
+            metrics.HEARTBEAT.beat()
             if time.monotonic() >= next_lag:
                 for tp, lag in processor.lag().items():
                     metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(lag)

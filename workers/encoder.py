@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "checkpoint", "device", "torch-threads", "bootstrap-servers", "topic-prefix", "metrics-port",
-                 "stream-idle-timeout", "bus-timeout")
+                 "metrics-address", "health-deadline", "stream-idle-timeout", "bus-timeout")
     parser.add_argument("--group", default=None,
                         help="consumer group of the encoder workers [default: <topic-prefix>-encoder]")
     parser.add_argument("--instance", default=socket.gethostname(),
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     names = topics(args.topic_prefix)
     group = args.group or f"{args.topic_prefix}-encoder"
     create_topics(bootstrap, prefix=args.topic_prefix)
-    metrics.serve(args.metrics_port)
+    metrics.serve(args.metrics_port, args.metrics_address, args.health_deadline)
     worker = EncoderWorker(coder, names, bootstrap)
     stop = stop_on_signals()
     processor = ExactlyOnceProcessor(

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-frames", type=int, default=64, help="most frames per CNN batch, across streams")
     add_settings(parser, "checkpoint", "sample-rate", "frame-size", "spatial-grid", "motion-grid", "backbone", "backbone-weights", "device",
                  "torch-threads", "open-timeout", "stall-timeout", "max-lag", "bootstrap-servers", "topic-prefix", "metrics-port",
-                 "bus-timeout", "keyframes", "keyframe-size")
+                 "metrics-address", "health-deadline", "bus-timeout", "keyframes", "keyframe-size")
 
 
 def stream_spec(spec: str) -> tuple[str, str]:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     bootstrap = bootstrap_servers(args.bootstrap_servers)
     names = topics(args.topic_prefix)
     create_topics(bootstrap, prefix=args.topic_prefix)
-    metrics.serve(args.metrics_port)
+    metrics.serve(args.metrics_port, args.metrics_address, args.health_deadline)
     trained_on = use_checkpoint_extractor(args)
     encoder = FrameEncoder.from_args(args)
     if trained_on is not None and encoder.identity() != trained_on:
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with MultiSource(sources) as streams:
             for items in streams.batches(args.batch_frames, stop):
+                metrics.HEARTBEAT.beat()  # a batch of decoded frames, or a stream's end, came through
                 started = time.perf_counter()
                 done = featurizer.process(items)
                 metrics.STAGE_LATENCY.labels("features").observe(time.perf_counter() - started)

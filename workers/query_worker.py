@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "checkpoint", "device", "torch-threads", "bootstrap-servers", "topic-prefix", "metrics-port",
-                 "stream-idle-timeout", "bus-timeout")
+                 "metrics-address", "health-deadline", "stream-idle-timeout", "bus-timeout")
     add_settings(parser, "matching-kernel")
     parser.add_argument("--group", default=None,
                         help="consumer group of the query workers [default: <topic-prefix>-query]")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     names = topics(args.topic_prefix)
     group = args.group or f"{args.topic_prefix}-query"
     create_topics(bootstrap, prefix=args.topic_prefix)
-    metrics.serve(args.metrics_port)
+    metrics.serve(args.metrics_port, args.metrics_address, args.health_deadline)
     side = CheckedProducer(bootstrap, args.bus_timeout, on_failure=lambda error: metrics.DELIVERY_ERRORS.inc())
     worker = QueryWorker(matcher, names, bootstrap, side)
     stop = stop_on_signals()
