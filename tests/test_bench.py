@@ -181,3 +181,26 @@ def test_cli_prints_json_and_fails_on_a_failed_check(capsys, monkeypatch):
     monkeypatch.setattr(matching, "check_range", lambda a, b: Verdict(["made up"]))
     assert cli.main(argv[:2] + argv[3:]) == 1
     assert "made up" in capsys.readouterr().out
+
+
+def test_e2e_search_doubles_until_a_count_fails_then_bisects():
+    from workers.bench.e2e import next_count
+
+    assert [next_count(1, None, 1), next_count(8, None, 8)] == [2, 16]
+    assert next_count(8, 16, 16) == 12 and next_count(12, 16, 12) == 14 and next_count(14, 15, 15) is None
+    assert next_count(0, 1, 1) is None  # not even one stream: nothing to bisect
+
+
+def test_e2e_cpu_stages_count_ended_decode_threads_and_split_the_main_thread():
+    from workers.bench.e2e import STAGE_CPU, _Workers
+
+    def snap(t, producer, threads, features, publish, encoder):
+        return {"time": t, "cpu": {"producer 0": (producer, threads), "encoder": (encoder, {})},
+                "metrics": [{f"{STAGE_CPU}:features": features, f"{STAGE_CPU}:publish": publish}]}
+
+    first = snap(0.0, 10.0, {"1 python": 4.0, "2 kafka-producer": 1.0, "3 av:h264:df0": 5.0}, 3.0, 0.5, 2.0)
+    # over 10 s the codec thread 3 ended (a looped file reopened) and thread 4 took over
+    last = snap(10.0, 30.0, {"1 python": 12.0, "2 kafka-producer": 2.0, "4 av:h264:df0": 3.0}, 9.0, 1.5, 5.0)
+    cores = _Workers.stages(first, last)
+    assert cores["cnn"] == 0.6 and cores["kafka clients"] == 0.2 and cores["other"] == 0.1
+    assert cores["decode"] == 1.1 and cores["encoder"] == 0.3  # 20 s of the process less main and Kafka threads

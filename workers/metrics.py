@@ -31,6 +31,7 @@ MATCHES = Counter("vmh_matches_total", "Match events published")
 ERRORS = Counter("vmh_errors_total", "Errors by kind (each also published as an error record)", ["kind"])
 DROPPED_SECONDS = Counter("vmh_dropped_seconds_total", "Media seconds of live streams dropped to keep up (gaps)",
                           ["stream"])
+STAGE_CPU = Counter("vmh_stage_cpu_seconds_total", "CPU seconds of the worker's main thread per stage", ["stage"])
 DELIVERY_ERRORS = Counter("vmh_delivery_errors_total", "Records the producer could not deliver to Kafka")
 STREAMS = Gauge("vmh_streams", "Streams whose state the worker holds (freed when they end or go idle)", ["worker"])
 CONSUMER_LAG = Gauge("vmh_consumer_lag_records", "Records behind the end of the input topic", ["topic", "partition"])

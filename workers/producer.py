@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.features.backbone import FrameEncoder
     from pipeline.features.live import LiveFeaturizer
     from pipeline.features.shedding import LoadShedder
+    from pipeline.threads import name_library_threads
     from pipeline.video.keyframes import KeyframeSampler
     from pipeline.video.multi import MultiSource
     from pipeline.video.source import SourceOptions, VideoSource
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     shedder = LoadShedder(args.max_lag, [s.stream_id for s in sources if s.live or args.realtime])
     featurizer = LiveFeaturizer(encoder, shedder=shedder)
     producer = CheckedProducer(bootstrap, args.bus_timeout, on_failure=lambda error: metrics.DELIVERY_ERRORS.inc())
+    name_library_threads("-network-thread", "kafka-producer")
     keyframes = KeyframeSampler(args.keyframe_size) if args.keyframes else None
     stop = stop_on_signals()
     log.info("producer running", extra={"fields": {"session": featurizer.session, "extractor": featurizer.extractor}})
@@ -86,13 +88,16 @@ def run(args: argparse.Namespace) -> int:
         with MultiSource(sources) as streams:
             for items in streams.batches(args.batch_frames, stop):
                 metrics.HEARTBEAT.beat()  # a batch of decoded frames, or a stream's end, came through
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.thread_time()
                 done = featurizer.process(items)
                 metrics.STAGE_LATENCY.labels("features").observe(time.perf_counter() - started)
+                metrics.STAGE_CPU.labels("features").inc(time.thread_time() - cpu)
+                cpu = time.thread_time()
                 metrics.BATCH_SIZE.labels("features").observe(sum(done.frames.values()))
                 for record in done.records:
                     producer.send(outgoing(names.features, record))
                     metrics.VIDEO_SECONDS.labels(record.stream_id).inc()
+                metrics.STAGE_CPU.labels("publish").inc(time.thread_time() - cpu)
                 if keyframes is not None:
                     keyframes.add(items)
                     for keyframe in keyframes.take(done.records):

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Union
 
+from pipeline.threads import name_os_thread
 from pipeline.video.source import SampledFrame, VideoSource
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class MultiSource:
         return False
 
     def _run(self, source: VideoSource) -> None:
+        name_os_thread(f"decode-{source.stream_id}")  # before the codec starts its own threads, which inherit it
         try:
             for frame in source:
                 if not self._put(frame):
