@@ -115,6 +115,13 @@ _DECLARED = [
             float),
     Setting("keyframes", True, "publish one JPEG per stream second to <prefix>.keyframes, for the web view", boolean),
     Setting("keyframe-size", 320, "side in pixels of the keyframe JPEGs", int),
+    # the web view (vmh ui)
+    Setting("ui-address", "127.0.0.1", "address the web view binds (0.0.0.0 or :: to serve other hosts: it has no "
+            "login)"),
+    Setting("ui-port", 8765, "port of the web view", int),
+    Setting("ui-history", 900.0, "seconds of recent key frames, matches and errors the web view reads at start",
+            float),
+    Setting("ui-keyframe-memory", 256.0, "megabytes of key frames the web view keeps in memory, newest first", float),
     # model
     Setting("preset", "lite", "CMHN preset: lite, tacos or activitynet"),
     Setting("checkpoint", "", "path of a CMHN checkpoint directory"),

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query-worker": ("workers.query_worker", "match moment codes against standing queries, exactly once; answer searches"),
     "query": ("workers.query_cmd", "add, list or remove standing queries"),
     "subscribe": ("workers.subscribe_cmd", "tail match events"),
+    "ui": ("workers.ui", "the web view: streams, standing queries, match events with their key frames, search"),
     "search": ("workers.search_cmd", "search the recent moments by text"),
     "topics": ("workers.topics_cmd", "create the pipeline's topics"),
     "demo": ("workers.demo", "the main job: train a small model once, stream a held-out video, print matches live"),
