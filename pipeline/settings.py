@@ -94,6 +94,9 @@ _DECLARED = [
             "gives up and exits non-zero", float),
     Setting("matching-kernel", "auto", "Hamming search kernel of the query worker: auto (timed at start-up, faiss "
             "unless another is clearly faster here), faiss, popcount or matmul"),
+    Setting("archive-size", 20_000_000, "most moments a query worker keeps for search per partition of the moments "
+            "topic (34 bytes each for 128-bit codes, allocated as they arrive)", int),
+    Setting("archive-hours", 24.0, "hours of capture time a query worker keeps for search", float),
     Setting("stream-idle-timeout", 600.0, "seconds without records after which a stream's state is freed (open "
             "clusters published)", float),
     Setting("device", "auto", "torch device: auto (CUDA when present), cpu or cuda"),

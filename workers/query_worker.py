@@ -22,12 +22,16 @@ import time
 from pipeline.settings import add_settings
 
 log = logging.getLogger(__name__)
+RESTORE_PROGRESS_S = 5.0  # seconds between progress lines of a partition's restore
+# restores run between polls: a day of moments on a partition reads for minutes (kafka-python parses ~40k records/s),
+# and a member that does not poll for max_poll_interval_ms leaves the group, which would restart the restore
+RESTORE_POLL_INTERVAL_MS = 30 * 60 * 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "checkpoint", "device", "torch-threads", "bootstrap-servers", "topic-prefix", "metrics-port",
                  "metrics-address", "health-deadline", "stream-idle-timeout", "bus-timeout")
-    add_settings(parser, "matching-kernel")
+    add_settings(parser, "matching-kernel", "archive-size", "archive-hours")
     parser.add_argument("--group", default=None,
                         help="consumer group of the query workers [default: <topic-prefix>-query]")
     parser.add_argument("--instance", default=socket.gethostname(),
@@ -35,9 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-records", type=int, default=500, help="most input records per transaction")
     parser.add_argument("--settle", type=int, default=3,
                         help="media seconds a cluster of overlapping hits waits for a better hit before it is published")
-    parser.add_argument("--archive-size", type=int, default=1_000_000,
-                        help="most moments kept for search, per partition of the moments topic")
-    parser.add_argument("--archive-hours", type=float, default=24.0, help="oldest moments kept for search")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         processor = ExactlyOnceProcessor([names.moments], group, f"{group}-{args.instance}", worker.transform,
                                          on_assign=worker.restore, on_revoke=matcher.forget,
                                          poison=poison_errors(names.errors), timeout_s=args.bus_timeout,
-                                         bootstrap=bootstrap, max_poll_records=args.batch_records)
+                                         bootstrap=bootstrap, max_poll_records=args.batch_records,
+                                         consumer_config={"max_poll_interval_ms": RESTORE_POLL_INTERVAL_MS})
         log.info("query worker running", extra={"fields": {"model": model_id, "queries": len(matcher.queries)}})
 
         def between_batches() -> None:
@@ -163,25 +165,49 @@ class QueryWorker:
 
     def restore(self, positions) -> None:
         """Partitions arrived: hand the matcher each one's recent moments (its archive window, back from the
-        position this worker resumes at)."""
+        position this worker resumes at), read and decoded chunk by chunk, with progress logged."""
         from pipeline.bus.kafka import offset_for_time, read_range
-        from pipeline.bus.records import MalformedRecord, MomentCode, decode
 
         for tp, next_offset in positions.items():
+            start = max(0, next_offset - self.matcher.archive_size)
+            if next_offset > 0 and self.matcher.archive_age is not None:
+                last = read_range(tp.topic, tp.partition, next_offset - 1, next_offset, bootstrap=self.bootstrap)
+                newest_ms = last[-1].timestamp if last else int(time.time() * 1000)
+                since_ms = newest_ms - int(self.matcher.archive_age * 1000)
+                start = max(start, offset_for_time(tp.topic, tp.partition, since_ms, bootstrap=self.bootstrap))
+            started = time.monotonic()
+            archived = self.matcher.restore(tp, self._moments(tp, start, next_offset))
+            log.info("partition restored", extra={"fields": {
+                "topic": tp.topic, "partition": tp.partition, "moments": archived,
+                "seconds": round(time.monotonic() - started, 1)}})
+
+    def _moments(self, tp, start: int, end: int):
+        """The moments of offsets [start, end) of a partition, a chunk at a time; progress every few seconds."""
+        from pipeline.bus.kafka import read_chunks
+        from pipeline.bus.records import MalformedRecord, MomentCode, decode
+
+        if start >= end:
+            return
+        log.info("restoring partition", extra={"fields": {
+            "topic": tp.topic, "partition": tp.partition, "from_offset": start, "to_offset": end}})
+        began = reported = time.monotonic()
+        done = 0
+        for chunk in read_chunks(tp.topic, tp.partition, start, end, bootstrap=self.bootstrap,
+                                 timeout_s=self.side.timeout_s):
             moments = []
-            if next_offset > 0:
-                start = max(0, next_offset - self.matcher.archive_size)
-                if self.matcher.archive_age is not None:
-                    last = read_range(tp.topic, tp.partition, next_offset - 1, next_offset, bootstrap=self.bootstrap)
-                    newest_ms = last[-1].timestamp if last else int(time.time() * 1000)
-                    since_ms = newest_ms - int(self.matcher.archive_age * 1000)
-                    start = max(start, offset_for_time(tp.topic, tp.partition, since_ms, bootstrap=self.bootstrap))
-                for record in read_range(tp.topic, tp.partition, start, next_offset, bootstrap=self.bootstrap):
-                    try:
-                        moments.append(decode(record.value, MomentCode))
-                    except MalformedRecord:
-                        continue
-            self.matcher.restore(tp, moments)
+            for record in chunk:
+                try:
+                    moments.append(decode(record.value, MomentCode))
+                except MalformedRecord:
+                    continue
+            yield moments
+            done = chunk[-1].offset + 1 - start
+            if time.monotonic() - reported >= RESTORE_PROGRESS_S:
+                reported, rate = time.monotonic(), done / max(time.monotonic() - began, 1e-9)
+                log.info("restoring partition", extra={"fields": {
+                    "topic": tp.topic, "partition": tp.partition, "offsets_read": done, "offsets": end - start,
+                    "percent": round(100 * done / (end - start), 1), "records_per_s": round(rate),
+                    "eta_s": round((end - start - done) / rate, 1)}})
 
     def transform(self, batch):
         from pipeline.bus.records import MomentCode

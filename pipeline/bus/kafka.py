@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from kafka import (
     ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition,
@@ -183,11 +183,27 @@ def read_range(
     topic: str, partition: int, start_offset: int, end_offset: int, *, bootstrap: str | None = None,
     timeout_s: float = 30.0,
 ) -> list[ConsumerRecord]:
-    """The committed records of one partition with ``start_offset <= offset < end_offset``, in offset order.
+    """The committed records of one partition with ``start_offset <= offset < end_offset``, in offset order
+    (``read_chunks``, all at once)."""
+    return [record for chunk in read_chunks(topic, partition, start_offset, end_offset, bootstrap=bootstrap,
+                                            timeout_s=timeout_s) for record in chunk]
+
+
+MIN_READ_RATE = 2000.0  # records/s a long read is allowed to average before it is given up
+
+
+def read_chunks(
+    topic: str, partition: int, start_offset: int, end_offset: int, *, bootstrap: str | None = None,
+    timeout_s: float = 30.0, chunk: int = 50_000,
+) -> Iterator[list[ConsumerRecord]]:
+    """The committed records of one partition with ``start_offset <= offset < end_offset``, in offset order, in
+    lists of about ``chunk`` records, so that a long range (a day of moments) is never held whole.
 
     The range is clipped to what the partition holds (retention may have dropped its start; the end stops at the
     last stable offset, before any open transaction). Offsets of aborted records and transaction markers are
-    skipped, so fewer than ``end_offset - start_offset`` records is normal.
+    skipped, so fewer than ``end_offset - start_offset`` records is normal. The read gives up (``BusError``) when
+    no record arrives for ``timeout_s``, or when it takes longer than ``timeout_s`` plus the range at
+    ``MIN_READ_RATE``: a deadline that grows with the range, so a long read finishes and a stuck one ends.
     """
     if start_offset < 0 or end_offset < start_offset:
         raise ValueError(f"bad offset range [{start_offset}, {end_offset})")
@@ -196,18 +212,25 @@ def read_range(
     try:
         start = max(start_offset, consumer.beginning_offsets([tp])[tp])
         end = min(end_offset, consumer.end_offsets([tp])[tp])
-        records: list[ConsumerRecord] = []
         if start >= end:
-            return records
+            return
         consumer.seek(tp, start)
-        deadline = time.monotonic() + timeout_s
-        while consumer.position(tp) < end:
-            if time.monotonic() > deadline:
-                raise BusError(f"reading {topic}[{partition}] offsets [{start}, {end}) timed out after {timeout_s} s")
-            for record in consumer.poll(timeout_ms=200).get(tp, []):
-                if record.offset < end:
-                    records.append(record)
-        return records
+        began = time.monotonic()
+        deadline, progress, position = began + timeout_s + (end - start) / MIN_READ_RATE, began, start
+        records: list[ConsumerRecord] = []
+        while position < end:
+            now = time.monotonic()
+            if now > deadline or now - progress > timeout_s:
+                raise BusError(f"reading {topic}[{partition}] offsets [{start}, {end}) gave up after "
+                               f"{now - began:.0f} s at offset {position}")
+            records += [record for record in consumer.poll(timeout_ms=200).get(tp, []) if record.offset < end]
+            if consumer.position(tp) > position:
+                position, progress = consumer.position(tp), time.monotonic()
+            if len(records) >= chunk:
+                yield records
+                records = []
+        if records:
+            yield records
     finally:
         consumer.close(autocommit=False)
 

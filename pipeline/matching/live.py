@@ -154,22 +154,29 @@ class LiveMatcher:
                   for h in settled]
         return events, errors
 
-    def restore(self, partition: Partition, moments: Sequence[MomentCode]) -> None:
-        """A partition arrived: its archive becomes ``moments`` (its recent moments, log order), and its streams'
+    def restore(self, partition: Partition, chunks: Iterable[Sequence[MomentCode]]) -> int:
+        """A partition arrived: its archive becomes the moments of ``chunks`` (its recent moments in log order,
+        read chunk by chunk so that no more than a chunk of records is held beside the archive), and its streams'
         merger state is rebuilt by replaying their last ``replay_seconds`` (media seconds of each stream: record
-        time stalls when an upstream worker restarts)."""
-        moments = [m for m in moments if m.bits == self.bits and not (m.model and m.model != self.model)]
+        time stalls when an upstream worker restarts). Returns the moments archived."""
         archive = MomentArchive(self.bits, self.archive_size, self.archive_age)
-        archive.add(moments)
         self._archives[partition] = archive
-        self._restored.add(partition)
+        self._restored.discard(partition)  # not complete until the last chunk is in
         newest: dict[tuple[str, str], int] = {}  # per stream and session: a new session counts from 0 again
-        for moment in moments:
-            key = (moment.stream_id, moment.session)
-            newest[key] = max(newest.get(key, 0), moment.end)
-        window = self.replay_seconds
-        recent = [m for m in moments if window is None or m.end > newest[m.stream_id, m.session] - window]
-        self.process(recent, [Origin(partition[0], partition[1], -1)] * len(recent), emit=False)
+        window, tail, archived = self.replay_seconds, [], 0
+        for chunk in chunks:
+            chunk = [m for m in chunk if m.bits == self.bits and not (m.model and m.model != self.model)]
+            archive.add(chunk)
+            archived += len(chunk)
+            for moment in chunk:
+                key = (moment.stream_id, moment.session)
+                newest[key] = max(newest.get(key, 0), moment.end)
+            tail += chunk
+            if window is not None:
+                tail = [m for m in tail if m.end > newest[m.stream_id, m.session] - window]
+        self._restored.add(partition)
+        self.process(tail, [Origin(partition[0], partition[1], -1)] * len(tail), emit=False)
+        return archived
 
     def forget(self, partitions: Iterable[Partition]) -> None:
         """Partitions left: their archives and their streams' merger state go with them."""

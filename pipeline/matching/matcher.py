@@ -299,7 +299,9 @@ def _below(values: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _faiss():
     """faiss, with as many OpenMP threads as torch has (the torch-threads setting): depending on import order the
-    two share a pool or not, and idle threads of an unbounded one spin and starve the process's others."""
+    two share a pool or not, and idle threads of an unbounded one spin and starve the process's others. Its loader
+    logs every instruction set it tries at INFO: quiet unless something fails."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
     import torch
 
