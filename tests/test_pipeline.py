@@ -7,6 +7,7 @@ dead URL beside them, and garbage bytes on the features topic.
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 from collections import Counter
 
@@ -182,20 +183,22 @@ def test_garbage_on_the_features_topic_and_metrics_moving(kafka_bootstrap, prefi
 
 
 @pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])  # Ctrl-C, and what a supervisor sends
-def test_up_runs_the_system_and_a_stop_signal_stops_it(kafka_bootstrap, prefix, checkpoint, tmp_path, stop_signal):
+def test_up_runs_the_system_and_a_stop_signal_stops_it(kafka_bootstrap, prefix, checkpoint, tmp_path, stop_signal,
+                                                       free_port):
     import signal
 
     import psutil
 
     env = worker_env(kafka_bootstrap, prefix, VMH_CHECKPOINT=str(checkpoint))
     synthetic = render_synthetic(tmp_path / "synthetic.mp4")
-    up = spawn(["up", f"cam={synthetic}"], env, tmp_path / "up.log")
+    up = spawn(["up", f"cam={synthetic}", "--ui-port", str(free_port)], env, tmp_path / "up.log")
     try:
         moments = committed(kafka_bootstrap, topics(prefix).moments, lambda r: len(r) >= expected_moments(12),
                             expected=MomentCode)
         assert {m.stream_id for m in moments} == {"cam"}
         children = psutil.Process(up.pid).children()
-        assert len(children) == 3  # encoder, query worker, producer
+        assert len(children) == 4  # encoder, query worker, web view, producer
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{free_port}/healthz", timeout=5).status == 200)
         up.send_signal(getattr(signal, stop_signal))
         assert up.wait(60) == 0
         assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)

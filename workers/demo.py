@@ -31,7 +31,7 @@ RECIPE = {"dataset": DATASET, "extractor": [SAMPLE_RATE, FRAME_SIZE, GRID], "tra
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_settings(parser, "cache-dir", "bootstrap-servers", "broker-port")
+    add_settings(parser, "cache-dir", "bootstrap-servers", "broker-port", "ui-address", "ui-port")
     parser.add_argument("--streams", type=int, default=STREAMS, help="held-out videos to stream at once [%(default)s]")
     parser.add_argument("--retrain", action="store_true", help="train again even if a model is cached")
 
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.datasets import load_dataset
     from pipeline.model.checkpoint import calibrated_threshold
     from pipeline.training.alerts import AlertJudge, Truth
+    from workers.ui import address
     from workers.up import start_system, wait_until_consuming
 
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the demo prints its own story; workers log to stderr
@@ -85,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
     prefix = f"demo-{uuid.uuid4().hex[:6]}"
     up_args = argparse.Namespace(sources=[], realtime=True, loop=False, checkpoint=str(checkpoint),
                                  bootstrap_servers=args.bootstrap_servers, broker_port=args.broker_port,
-                                 topic_prefix=prefix, metrics_port=0, cache_dir=args.cache_dir)
+                                 topic_prefix=prefix, metrics_port=0, cache_dir=args.cache_dir,
+                                 ui_address=args.ui_address, ui_port=args.ui_port)
     system, bootstrap, own_broker = start_system(up_args, checkpoint)
+    print(f"  watch it at {address(args.ui_address, args.ui_port)}: the streams, the queries and each match event "
+          "with its key frames (the page is served while the demo runs)", flush=True)
     try:
         client = Client(bootstrap, prefix, checkpoint=str(checkpoint))
         ids = {client.add_query(text, query_id=f"q{i}"): text for i, text in enumerate(truth.queries)}

@@ -1,5 +1,5 @@
 """`vmh up`: the whole system on one machine. A local broker when no bootstrap servers are given, the topics, and
-the encoder, query worker and (for any sources given) producer as child processes; Ctrl-C stops them all."""
+the encoder, query worker, web view and (for any sources given) producer as child processes; Ctrl-C stops them all."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", metavar="[ID=]SOURCE", help="streams to push right away (optional)")
     parser.add_argument("--realtime", action="store_true", help="pace file sources as if they were live")
     parser.add_argument("--loop", action="store_true", help="repeat file sources")
-    add_settings(parser, "checkpoint", "bootstrap-servers", "broker-port", "topic-prefix", "metrics-port", "cache-dir")
+    add_settings(parser, "checkpoint", "bootstrap-servers", "broker-port", "topic-prefix", "metrics-port", "ui-address",
+                 "ui-port", "cache-dir")
 
 
 def default_checkpoint(cache_dir: str) -> Path:
@@ -100,6 +101,7 @@ def start_system(args: argparse.Namespace, checkpoint: Path) -> tuple[System, st
     metrics = lambda offset: ["--metrics-port", str(port + offset if port else 0)]  # noqa: E731
     system.start("encoder", "encoder", *metrics(1))
     system.start("query-worker", "query-worker", *metrics(2))
+    system.start("ui", "ui", "--ui-address", args.ui_address, "--ui-port", str(args.ui_port))
     if args.sources:
         flags = ["--realtime"] * args.realtime + ["--loop"] * args.loop
         system.start("producer", "producer", *args.sources, *flags, *metrics(0))
@@ -108,6 +110,7 @@ def start_system(args: argparse.Namespace, checkpoint: Path) -> tuple[System, st
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.bus.broker import stop_broker
+    from workers.ui import address
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.cache_dir)
     if not (checkpoint / "config.json").is_file():
@@ -117,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # stop the children as on Ctrl-C, rather than orphan them
     system, bootstrap, own_broker = start_system(args, checkpoint)
     print(f"vmh up: broker {bootstrap}, topics {args.topic_prefix}.*, workers "
-          f"{', '.join(system.children)}; Ctrl-C stops everything", flush=True)
+          f"{', '.join(system.children)}; web view {address(args.ui_address, args.ui_port)}; Ctrl-C stops everything",
+          flush=True)
     try:
         while (problem := system.failed()) is None:
             time.sleep(0.5)
