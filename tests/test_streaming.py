@@ -182,3 +182,11 @@ def test_bad_input() -> None:
     assert encoder.step([], torch.zeros(0, V)) == []
     with pytest.raises(ValueError, match="causal"):
         StreamingEncoder(build_cmhn("lite", video_dim=V, causal=False))
+
+
+def test_building_an_encoder_leaves_the_global_rng_alone() -> None:
+    """Training validates every epoch through the live encoder; a seeded run must not depend on that."""
+    model = narrow("lite")
+    state = torch.random.get_rng_state()
+    StreamingEncoder(model)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -211,9 +211,10 @@ def _conv(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
 def _inference_copy(model: CMHN, dtype: torch.dtype) -> VEN:
     """A frozen eval-mode copy of the VEN without per-call overheads: weight norm folded into plain weights (else a
     step recomputes g * v / ||v|| per conv) and RReLU replaced by what it computes in eval mode, LeakyReLU at the mean
-    slope. Built fresh, not deep-copied: removing a parametrization from a deep copy deletes the weight property from
+    slope. Built fresh (outside the caller's RNG stream), not deep-copied: removing a parametrization from a deep copy deletes the weight property from
     the class the copy shares with the original."""
-    ven = VEN(model.config).to(dtype)
+    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten; drawing them must not move a
+        ven = VEN(model.config).to(dtype)     # seeded training run that validates through the live logic
     ven.load_state_dict(model.ven.state_dict())
     for layer in [m for m in ven.modules() if parametrize.is_parametrized(m, "weight")]:
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
