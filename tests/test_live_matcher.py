@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.bus.records import BAD_QUERY, MomentCode, StandingQuery
+from pipeline.bus.records import BAD_QUERY, MomentCode, StandingQuery, decode_moments, encode
 from pipeline.matching.live import FOREIGN_CODE, LiveMatcher
 from pipeline.partitions import Origin
 
@@ -21,6 +21,11 @@ def matcher(**kw):
 
 def moment(stream, start, end, code, capture=50.0, model="m1", session="", last=False):
     return MomentCode(stream, start, end, np.asarray(code, np.uint8), BITS, capture, capture, model, session, last)
+
+
+def columns(moments):
+    """Moments as a restore reads them from the log."""
+    return decode_moments([encode(m) for m in moments], BITS)
 
 
 def query(query_id, text=None, code=None, threshold=0):
@@ -157,8 +162,8 @@ def test_archives_are_per_partition_and_restores_replace_them():
     a = [moment("a", i, i + 1, list(b"red "), capture=float(i)) for i in range(5)]
     b = [moment("b", i, i + 1, list(b"red!"), capture=float(i)) for i in range(2)]
     for _ in range(3):  # any number of reassignments, no duplicates
-        m.restore(p0, [a])
-        m.restore(p1, [b[:1], b[1:]])
+        m.restore(p0, [columns(a)])
+        m.restore(p1, [columns(b[:1]), columns(b[1:])])
     hits = m.search(code=list(b"red "), top_k=100)
     assert sorted((h.stream_id, h.start) for h in hits) == [("a", 2), ("a", 3), ("a", 4), ("b", 0), ("b", 1)]
     assert m.held_partitions() == [p0, p1]
@@ -218,7 +223,7 @@ def test_restore_replays_the_latest_session_of_a_stream():
     for m in (reference, restarted):
         m.apply_queries([("red", query("red", "red ", threshold=0))])
     reference.process(log)
-    restarted.restore(("moments", 0), [log[i:i + 7] for i in range(0, len(log), 7)])
+    restarted.restore(("moments", 0), [columns(log[i:i + 7]) for i in range(0, len(log), 7)])
     later = [moment("s", x - 1, x, [0, 0, 0, 0], session="new") for x in range(11, 14)]
     assert events_of(restarted.process(later)[0]) == events_of(reference.process(later)[0]) == [
         ("red", "s", 8, 9, 0)]

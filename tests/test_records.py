@@ -290,3 +290,49 @@ def test_encoding_thousands_of_feature_records_is_fast():
     decoded = [decode(data) for data in encoded]
     assert time.perf_counter() - start < 2.0  # per-record cost is a few struct calls, not per-element work
     assert decoded[4321] == batch[4321]
+
+
+def test_decode_moments_reads_exactly_what_decode_reads():
+    """The columns hold the records ``decode`` reads as 128-bit moments, in order, field for field; every mutation
+    ``decode`` refuses (or reads as another code length) is left out."""
+    import struct as _struct
+
+    from pipeline.bus.records import MOMENT_FIELDS, PREFIX, decode_moments
+
+    rng = np.random.default_rng(3)
+    good = [encode(MomentCode(f"cam-{i % 3}", i, i + 1 + i % 5, rng.integers(0, 256, 16, dtype=np.uint8), 128,
+                              1e9 + i, 2e9, model="m" * (i % 2), session=f"s{i % 4}", last=i % 7 == 0))
+            for i in range(60)]
+    fields = PREFIX.size + 5  # where the fields of a "cam-N" record start
+
+    def patched(value: bytes, at: int, data: bytes) -> bytes:
+        return value[:at] + data + value[at + len(data):]
+
+    values = good + [
+        good[0][:-1], good[1] + b"\0", b"", b"VMH", b'{"type": "match"}', patched(good[2], 3, b"\x01"),
+        patched(good[3], 4, b"\x01"), patched(good[4], 5, b"\x04"), patched(good[5], 6, b"\0\0"),
+        patched(good[6], PREFIX.size, b"\xff"), patched(good[7], fields, _struct.pack("<q", -1)),
+        patched(good[8], fields + 8, _struct.pack("<q", 8)), patched(good[9], fields + 16, _struct.pack("<d", np.nan)),
+        patched(good[10], fields + 24, _struct.pack("<d", np.inf)), patched(good[11], fields + 32, b"\x40\0"),
+        encode(MomentCode("short", 0, 1, np.zeros(8, np.uint8), 64, 0.0, 0.0)),
+        patched(good[12], fields + MOMENT_FIELDS.size + 1, b"\xc3"),  # the model id "m" becomes bad UTF-8
+    ]
+    order = rng.permutation(len(values))
+    values = [values[i] for i in order]
+    expected = []
+    for value in values:
+        try:
+            moment = decode(value, MomentCode)
+        except MalformedRecord:
+            continue
+        if moment.bits == 128:
+            expected.append(moment)
+    columns = decode_moments(values, 128)
+    assert len(columns) == len(expected) == 60  # every mutation is refused
+    for row, moment in enumerate(expected):
+        assert columns.moment(row) == moment
+        assert (columns.stream_ids[columns.streams[row]], columns.session_ids[columns.sessions[row]],
+                columns.model_ids[columns.models[row]], int(columns.starts[row]), int(columns.ends[row]),
+                float(columns.capture_times[row])) == (moment.stream_id, moment.session, moment.model, moment.start,
+                                                       moment.end, moment.capture_time)
+        np.testing.assert_array_equal(columns.codes[row], moment.code)

@@ -182,9 +182,10 @@ class QueryWorker:
                 "seconds": round(time.monotonic() - started, 1)}})
 
     def _moments(self, tp, start: int, end: int):
-        """The moments of offsets [start, end) of a partition, a chunk at a time; progress every few seconds."""
+        """The moments of offsets [start, end) of a partition, a chunk of columns at a time (records that are not
+        moments of the matcher's code length left out); progress every few seconds."""
         from pipeline.bus.kafka import read_chunks
-        from pipeline.bus.records import MalformedRecord, MomentCode, decode
+        from pipeline.bus.records import decode_moments
 
         if start >= end:
             return
@@ -194,13 +195,7 @@ class QueryWorker:
         done = 0
         for chunk in read_chunks(tp.topic, tp.partition, start, end, bootstrap=self.bootstrap,
                                  timeout_s=self.side.timeout_s):
-            moments = []
-            for record in chunk:
-                try:
-                    moments.append(decode(record.value, MomentCode))
-                except MalformedRecord:
-                    continue
-            yield moments
+            yield decode_moments([record.value or b"" for record in chunk], self.matcher.bits)
             done = chunk[-1].offset + 1 - start
             if time.monotonic() - reported >= RESTORE_PROGRESS_S:
                 reported, rate = time.monotonic(), done / max(time.monotonic() - began, 1e-9)

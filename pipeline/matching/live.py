@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from pipeline.bus.records import BAD_QUERY, ErrorRecord, InvalidQuery, MatchEvent, MomentCode, StandingQuery
+from pipeline.bus.records import BAD_QUERY, ErrorRecord, InvalidQuery, MatchEvent, MomentCode, MomentColumns, \
+    StandingQuery, decode
 from pipeline.matching.archive import ArchiveHit, MomentArchive
 from pipeline.matching.matcher import chosen_kernel
 from pipeline.matching.standing import Hit, HitMerger, StandingQueries
@@ -154,28 +155,41 @@ class LiveMatcher:
                   for h in settled]
         return events, errors
 
-    def restore(self, partition: Partition, chunks: Iterable[Sequence[MomentCode]]) -> int:
+    def restore(self, partition: Partition, chunks: Iterable[MomentColumns]) -> int:
         """A partition arrived: its archive becomes the moments of ``chunks`` (its recent moments in log order,
-        read chunk by chunk so that no more than a chunk of records is held beside the archive), and its streams'
-        merger state is rebuilt by replaying their last ``replay_seconds`` (media seconds of each stream: record
-        time stalls when an upstream worker restarts). Returns the moments archived."""
+        decoded chunk by chunk as columns, so that a day of them never exists as objects), and its streams' merger
+        state is rebuilt by replaying their last ``replay_seconds`` (media seconds of each stream: record time stalls
+        when an upstream worker restarts). Returns the moments archived."""
         archive = MomentArchive(self.bits, self.archive_size, self.archive_age)
         self._archives[partition] = archive
         self._restored.discard(partition)  # not complete until the last chunk is in
-        newest: dict[tuple[str, str], int] = {}  # per stream and session: a new session counts from 0 again
-        window, tail, archived = self.replay_seconds, [], 0
+        keys: dict[tuple[str, str], int] = {}  # per stream and session: a new session counts from 0 again
+        newest = np.zeros(0, np.int64)  # latest end per key
+        window = np.inf if self.replay_seconds is None else self.replay_seconds
+        tail: list[bytes] = []  # the records that may be replayed, in log order, with their ends and keys
+        tail_ends, tail_keys = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        archived = 0
         for chunk in chunks:
-            chunk = [m for m in chunk if m.bits == self.bits and not (m.model and m.model != self.model)]
-            archive.add(chunk)
-            archived += len(chunk)
-            for moment in chunk:
-                key = (moment.stream_id, moment.session)
-                newest[key] = max(newest.get(key, 0), moment.end)
-            tail += chunk
-            if window is not None:
-                tail = [m for m in tail if m.end > newest[m.stream_id, m.session] - window]
+            usable = np.isin(chunk.models, [i for i, m in enumerate(chunk.model_ids) if m in ("", self.model)])
+            rows = np.flatnonzero(usable)
+            archive.extend(chunk.codes[rows], chunk.capture_times[rows], chunk.starts[rows], chunk.ends[rows],
+                           chunk.streams[rows], chunk.stream_ids)
+            archived += len(rows)
+            local = chunk.streams[rows] * len(chunk.session_ids) + chunk.sessions[rows]
+            present = np.unique(local)
+            ids = np.array([keys.setdefault((chunk.stream_ids[i // len(chunk.session_ids)],
+                                             chunk.session_ids[i % len(chunk.session_ids)]), len(keys))
+                            for i in present.tolist()], np.int64)
+            newest = np.concatenate([newest, np.zeros(len(keys) - len(newest), np.int64)])
+            row_keys = ids[np.searchsorted(present, local)]
+            np.maximum.at(newest, row_keys, chunk.ends[rows])
+            tail += [chunk.values[i] for i in rows.tolist()]
+            tail_ends, tail_keys = np.concatenate([tail_ends, chunk.ends[rows]]), np.concatenate([tail_keys, row_keys])
+            recent = np.flatnonzero(tail_ends > newest[tail_keys] - window)
+            tail, tail_ends, tail_keys = [tail[i] for i in recent.tolist()], tail_ends[recent], tail_keys[recent]
         self._restored.add(partition)
-        self.process(tail, [Origin(partition[0], partition[1], -1)] * len(tail), emit=False)
+        moments = [decode(value, MomentCode) for value in tail]
+        self.process(moments, [Origin(partition[0], partition[1], -1)] * len(moments), emit=False)
         return archived
 
     def forget(self, partitions: Iterable[Partition]) -> None:
