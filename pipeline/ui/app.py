@@ -30,7 +30,7 @@ from pipeline.ui.view import Event, LiveView
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost"]  # the host names of an IPv4 loopback bind (Starlette cannot check [::1])
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 PENDING_EVENTS = 1000  # events queued for one page; a page that far behind is dropped and reconnects
 
