@@ -123,11 +123,15 @@ def test_encoder_smoke_and_broken():
 
 def test_matching_smoke_and_broken():
     # 32-bit codes: many equal distances, so ties and a few hundred standing-query hits are exercised
-    params = matching.Params(codes=3000, queries=20, bits=32, standing=300, moments=400, batch=150, threshold=10)
+    params = matching.Params(codes=3000, queries=20, bits=32, standing=300, moments=400, batch=150, threshold=10,
+                             archive=20_000, window_hours=0.01, searches=5)
     result = run_benchmark(matching, params, repeats=1, warmup=0)
-    assert_report(result, "matching", 3)
+    assert_report(result, "matching", 5)
     counts = {c["case"]: c["check"]["counts"] for c in result["cases"]}
     assert counts["range"]["hits compared"] > 0 and counts["standing"]["hits compared"] > 0
+    notes = {c["case"]: c["notes"] for c in result["cases"]}
+    assert 0 < notes["archive-range"]["moments_in_window"] < 20_000 and notes["archive-day"]["moments"] == 20_000
+    assert notes["archive-day"]["bytes_per_moment"] >= 4 + 18  # 32-bit codes and their metadata
 
     def corrupt(label, out):
         if label == "topk":
@@ -139,7 +143,7 @@ def test_matching_smoke_and_broken():
         return out[:-1]
 
     problems = broken_run(matching, params, corrupt)
-    assert {p.split(":")[0] for p in problems} == {"call 1"} and len(problems) == 3
+    assert {p.split(":")[0] for p in problems} == {"call 1"} and len(problems) == 5
 
 
 def test_matching_topk_check_accepts_another_order_of_ties():
@@ -174,7 +178,7 @@ def test_bus_smoke_and_broken(kafka_bootstrap):
 
 def test_cli_prints_json_and_fails_on_a_failed_check(capsys, monkeypatch):
     argv = ["bench", "matching", "--json", "--repeats", "1", "--warmup", "0", "--codes", "500", "--queries", "4",
-            "--standing", "50", "--moments", "20", "--batch", "10"]
+            "--standing", "50", "--moments", "20", "--batch", "10", "--archive", "3000", "--searches", "2"]
     assert cli.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert REPORT_FIELDS <= result.keys() and result["params"]["codes"] == 500 and result["repeats"] == 1

@@ -403,11 +403,12 @@ def test_archive_ties_prefer_the_newest_and_bad_codes_are_rejected():
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 400), st.integers(1, 50), st.sampled_from([2, 3, 256]), st.integers(1, 30),
-       st.sampled_from([None, 40.0, 200.0]), st.integers(0, 2**32 - 1))
-def test_archive_search_equals_brute_force_across_blocks(n, capacity_blocks, distinct, k, max_age, seed):
+       st.sampled_from([None, 40.0, 200.0]), st.sampled_from([0, 3, 4096]), st.integers(0, 2**32 - 1))
+def test_archive_search_equals_brute_force_across_blocks(n, capacity_blocks, distinct, k, max_age, outside, seed):
     """Blocks of 16 moments, capture times out of order, heavy ties, no extra candidates (so blocks with more ties
-    at the k-th distance are searched again): the documented ranking (distance, capture time newest first, newest
-    archived first) over what capacity and age keep, whatever the range."""
+    at the k-th distance are searched again), blocks cut by the range scanned as spans or copied out: the documented
+    ranking (distance, capture time newest first, newest archived first) over what capacity and age keep, whatever
+    the range."""
     rng = np.random.default_rng(seed)
     capacity = 16 * capacity_blocks // 3 + 1
     times = 1000.0 + np.arange(n) * 0.5 + rng.integers(-4, 5, n)  # about capture order, 12 moments a second
@@ -432,6 +433,7 @@ def test_archive_search_equals_brute_force_across_blocks(n, capacity_blocks, dis
                                                   -im[1].capture_time, -im[0]))[:k]
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(archive_module, "_EXTRA", 0)
+            patch.setattr(archive_module, "_MAX_OUTSIDE", outside)
             hits = archive.search(query, since=low, until=high, top_k=k)
         assert [(h.stream_id, h.start, h.end, h.capture_time) for h in hits] == \
             [(m.stream_id, m.start, m.end, m.capture_time) for _, m in expected]

@@ -23,8 +23,9 @@ from pipeline.bus.records import MomentCode
 from pipeline.codes.packing import CodeError
 from pipeline.matching.matcher import faiss_knn, faiss_range
 
-BLOCK = 1 << 18  # moments per block: 4 MB of 128-bit codes, 9 MB with their metadata
+BLOCK = 1 << 20  # moments per block: 16 MB of 128-bit codes, 34 MB with their metadata (touched as filled)
 _EXTRA = 16  # candidates beyond k a block returns, so that ties at the k-th distance rarely need a second pass
+_MAX_OUTSIDE = 4096  # rows outside the range a cut block's scan may hold (and drop) before they are copied out
 _MAX_LENGTH = np.iinfo(np.uint16).max
 _MIN_START, _MAX_START = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 
@@ -150,10 +151,18 @@ class MomentArchive:
             if block.high < low or block.low > high:
                 continue
             if low <= block.low and block.high <= high:
-                ranking.offer(block, slice(start, block.size))
+                ranking.offer(block, start, block.size)
+                continue
+            times = block.times[start:block.size]
+            inside = (times >= low) & (times <= high)
+            if not inside.any():
+                continue
+            first, stop = int(inside.argmax()), len(inside) - int(inside[::-1].argmax())
+            inside = inside[first:stop]
+            if len(inside) - np.count_nonzero(inside) <= _MAX_OUTSIDE:  # about capture order: scan the span
+                ranking.offer(block, start + first, start + stop, inside)
             else:
-                times = block.times[start:block.size]
-                ranking.offer(block, start + np.flatnonzero((times >= low) & (times <= high)))
+                ranking.offer(block, start + np.flatnonzero(inside) + first)
         return [ArchiveHit(self._names[block.streams[row]], int(block.starts[row]),
                            int(block.starts[row]) + int(block.lengths[row]), distance, float(block.times[row]))
                 for block, row, distance in ranking.result()]
@@ -176,36 +185,47 @@ class MomentArchive:
 
 class _Ranking:
     """The exact top-k of one query over rows of blocks, by (distance, capture time newest first, sequence newest
-    first). Each block's rows give their k + ``_EXTRA`` nearest by faiss (by distance, then lower row); once every
-    block is offered, D, the k-th smallest distance of all, is known, and a block whose last candidate is still
-    at D may hold more codes at D than it returned: it is range-searched again at D + 1. So every code at a
-    distance <= D is a candidate, and they are ordered exactly."""
+    first). Each block's rows in the range give their k + ``_EXTRA`` nearest by faiss (by distance, then lower row);
+    once every block is offered, D, the k-th smallest distance of all, is known, and a block whose last candidate is
+    still at D may hold more codes at D than it returned: it is range-searched again at D + 1. So every code at a
+    distance <= D is a candidate, and they are ordered exactly.
+
+    A block that the range cuts is scanned as the span from its first row in the range to its last, a view, with as
+    many more candidates asked as the span holds rows outside the range, which are then dropped; when they are too
+    many (moments far out of capture order), the rows in the range are copied out instead."""
 
     def __init__(self, query: np.ndarray, k: int) -> None:
         self.query, self.k = query, k
-        self.offered: list[tuple[_Block, slice | np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        self.offered: list[tuple] = []  # (block, rows, stop, inside, distances, found, the last distance or None)
 
-    def offer(self, block: _Block, rows: slice | np.ndarray) -> None:
-        """Rows of a block that are in the range: a slice (a block inside it) or ascending row numbers."""
-        codes = block.codes[rows]  # a view for a slice
-        if not len(codes):
-            return
-        want = min(self.k + _EXTRA, len(codes))
+    def offer(self, block: _Block, rows: int | np.ndarray, stop: int = 0, inside: np.ndarray | None = None) -> None:
+        """Rows [rows, stop) of a block (``inside`` marks those in the range, None: all), or ascending row numbers."""
+        codes = block.codes[rows:stop] if isinstance(rows, int) else block.codes[rows]
+        outside = 0 if inside is None else len(inside) - int(np.count_nonzero(inside))
+        want = min(self.k + _EXTRA + outside, len(codes))
         distances, found = faiss_knn(self.query, codes, want)
-        self.offered.append((block, rows, distances[0].astype(np.int64), found[0], want < len(codes)))
+        distances, found = distances[0].astype(np.int64), found[0]
+        last = int(distances[-1]) if want < len(codes) else None  # None: every row was returned
+        if inside is not None:
+            keep = inside[found]
+            distances, found = distances[keep], found[keep]
+        self.offered.append((block, rows, stop, inside, distances, found, last))
 
     def result(self) -> list[tuple[_Block, int, int]]:
         """(block, row, distance) of the k best, best first."""
-        if not self.offered:
+        every = np.concatenate([np.zeros(0, np.int64)] + [offer[4] for offer in self.offered])
+        if not len(every):
             return []
-        every = np.concatenate([distances for _, _, distances, _, _ in self.offered])
         kth = int(np.partition(every, self.k - 1)[self.k - 1]) if len(every) >= self.k else int(every.max())
         blocks, rows, distances, times, sequence = [], [], [], [], []
-        for i, (block, offered, d, found, more) in enumerate(self.offered):
-            if more and d[-1] <= kth:  # rows beyond those returned may sit at the k-th distance too
-                _, d, found = faiss_range(self.query, block.codes[offered], kth + 1)
+        for i, (block, offered, stop, inside, d, found, last) in enumerate(self.offered):
+            if last is not None and last <= kth:  # rows beyond those returned may sit at the k-th distance too
+                codes = block.codes[offered:stop] if isinstance(offered, int) else block.codes[offered]
+                _, d, found = faiss_range(self.query, codes, kth + 1)
+                if inside is not None:
+                    d, found = d[inside[found]], found[inside[found]]
             keep = d <= kth
-            picked = found[keep] + offered.start if isinstance(offered, slice) else offered[found[keep]]
+            picked = found[keep] + offered if isinstance(offered, int) else offered[found[keep]]
             blocks.append(np.full(len(picked), i))
             rows.append(picked)
             distances.append(d[keep])

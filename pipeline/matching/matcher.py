@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -301,7 +302,8 @@ def _faiss():
     """faiss, with as many OpenMP threads as torch has (the torch-threads setting): depending on import order the
     two share a pool or not, and idle threads of an unbounded one spin and starve the process's others. Its loader
     logs every instruction set it tries at INFO: quiet unless something fails."""
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if "faiss" not in sys.modules:
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
     import torch
 

@@ -1,12 +1,19 @@
 """`matching`: our exact Hamming search against faiss-cpu ``IndexBinaryFlat``, one thread each.
 
-Three cases over random codes (uniform bits, the hardest case for any pruning):
+Cases over random codes (uniform bits, the hardest case for any pruning):
 - ``topk``: the k nearest of ``codes`` database codes for each of ``queries`` queries (``BinaryIndex.search``);
 - ``range``: every code below a radius chosen to give about ``hits`` codes per query (``BinaryIndex.range_search``);
 - ``standing``: the query worker's direction, a stream of moment codes in poll-sized batches against ``standing``
   registered queries with their own thresholds (``StandingQueries.match``); the reference range-searches a faiss
-  index of the query codes at the largest threshold, keeps each query's own, and builds the same sorted hits.
-The unit is code pairs compared per second; queries, moments and matches per second are reported beside it.
+  index of the query codes at the largest threshold, keeps each query's own, and builds the same sorted hits;
+- ``archive-range`` and ``archive-day``: retrospective search, the top-``k`` of ``searches`` codes one request at a
+  time over an archive of ``archive`` moments (a day of 16 lite streams, 12 moments a second each), within the last
+  ``window_hours`` and over all of it (``MomentArchive.search``). The reference holds the same codes newest first
+  (its ties go to the lower index, the archive's to the newest) and searches them with an ``IDSelectorRange`` of the
+  moments in the window, the way faiss filters a search; the results must be the same moments. The archive's
+  memory per moment is reported with it.
+The unit is code pairs compared per second (for the archive, pairs within the time range); queries, moments and
+matches per second are reported beside it, and the machine's CPU flags with the report.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ class Params:
     batch: int = field(default=500, metadata={"help": "moments per match call (a poll of the query worker)"})
     threshold: int = field(default=38, metadata={"help": "largest standing-query threshold; thresholds are "
                                                          "drawn from threshold-4..threshold"})
+    archive: int = field(default=17_000_000, metadata={"help": "moments in the archive of the archive cases"})
+    window_hours: float = field(default=1.0, metadata={"help": "archive-range: the last this many hours"})
+    searches: int = field(default=20, metadata={"help": "archive searches per timed call, one request each"})
     seed: int = field(default=0, metadata={"help": "seed of the codes"})
 
 
@@ -83,6 +93,7 @@ def cases(params: Params, stack: ExitStack) -> list[Case]:
              pairs, check_range, amounts=lambda out: {"queries": params.queries, "hits": int(out[0][-1])},
              notes={"radius": radius, "expected_hits_per_query": params.hits}),
         standing_case(params, rng),
+        *archive_cases(params, rng),
     ]
 
 
@@ -165,3 +176,68 @@ def standing_case(params: Params, rng) -> Case:
         notes={"standing_queries": params.standing, "moments_per_batch": params.batch,
                "thresholds": [int(thresholds.min()), int(thresholds.max())]},
     )
+
+
+ARCHIVE_RATE = 16 * 12  # moments a second: 16 lite streams
+T0 = 1.7e9  # capture time of the archive's first moment
+
+
+def archive_cases(params: Params, rng) -> list[Case]:
+    """The archive filled with ``params.archive`` moments in capture order, ``ARCHIVE_RATE`` a second, and the two
+    searches: within the last ``window_hours`` and over the day."""
+    import faiss
+    import numpy as np
+    import psutil
+
+    from pipeline.matching.archive import MomentArchive
+
+    n, width, chunk = params.archive, params.bits // 8, 1 << 20
+    codes = rng.integers(0, 256, (n, width), dtype=np.uint8)
+    archive = MomentArchive(params.bits, capacity=n, max_age=None)
+    names = [f"cam-{s:02d}" for s in range(16)]
+    rss = psutil.Process().memory_info().rss
+    for i in range(0, n, chunk):
+        j = np.arange(i, min(i + chunk, n))
+        archive.extend(codes[i:i + chunk], *_moment_fields(j), j % len(names), names)
+    grown = psutil.Process().memory_info().rss - rss
+    newest_first = faiss.IndexBinaryFlat(params.bits)
+    newest_first.add(np.ascontiguousarray(codes[::-1]))
+    queries = rng.integers(0, 256, (params.searches, width), dtype=np.uint8)
+    del codes
+    since = float(_moment_fields(np.array([n - 1]))[0][0]) - params.window_hours * 3600
+    inside = n - min(n, int(np.ceil(since - T0)) * ARCHIVE_RATE)  # the newest moments, captured since `since`
+    selector = faiss.SearchParameters(sel=faiss.IDSelectorRange(0, inside))
+    memory = {"bytes_per_moment": archive.nbytes / len(archive), "rss_growth_per_moment": grown / n,
+              "archive_bytes": archive.nbytes, "moments": len(archive)}
+
+    def ours(low):
+        return [archive.search(q, since=low, top_k=params.k) for q in queries]
+
+    def reference(window):
+        return [newest_first.search(q[None], params.k, params=window) for q in queries]
+
+    def check(mine, theirs) -> Verdict:
+        problems = [] if len(mine) == len(theirs) else [f"{len(mine)} searches answered, faiss {len(theirs)}"]
+        for q, (hits, (distances, indices)) in enumerate(zip(mine, theirs)):
+            order = n - 1 - indices[0]
+            times, starts, _ = _moment_fields(order)
+            expected = [(names[i % len(names)], int(s), int(d), float(t))
+                        for i, s, d, t in zip(order, starts, distances[0], times)]
+            if [(h.stream_id, h.start, h.distance, h.capture_time) for h in hits] != expected:
+                problems.append(f"search {q}: other moments than faiss's")
+        return Verdict(problems[:3], {"searches compared": len(mine)})
+
+    amounts = {"searches": params.searches}
+    return [
+        Case("archive-range", lambda: ours(since), lambda: reference(selector), params.searches * inside, check,
+             amounts=lambda out: amounts, notes={"window_hours": params.window_hours, "moments_in_window": inside,
+                                                 **memory}),
+        Case("archive-day", lambda: ours(None), lambda: reference(None), params.searches * n, check,
+             amounts=lambda out: amounts, notes={"hours": round(n / ARCHIVE_RATE / 3600, 1), **memory}),
+    ]
+
+
+def _moment_fields(i):
+    """Capture times, starts and ends of moments number ``i`` of the archive case."""
+    second = i // ARCHIVE_RATE
+    return T0 + second.astype(float), second, second + 1 + i % 12

@@ -94,18 +94,17 @@ def run_benchmark(bench: ModuleType, params: Any, repeats: int | None = None, wa
 
 
 def machine() -> dict[str, Any]:
-    """Cores, CPU model, torch threads and load: what the figures depend on."""
+    """Cores, CPU model and SIMD flags, torch threads and load: what the figures depend on."""
     import torch
 
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
+    from pipeline.device import cpu_flags
+
+    cpu = cpu_flags()
     return {
         "cores": os.cpu_count(),
-        "cpu": model,
+        "cpu": cpu["cpu"] if cpu["cpu"] != "unknown" else platform.processor() or "unknown",
+        "cpu_flags": cpu["simd"],
+        "torch_cpu_capability": cpu["torch_capability"],
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
@@ -185,8 +184,9 @@ def table(result: dict[str, Any], title: str) -> str:
             lines.append(f"  {c['case']}: " + ", ".join(extra))
     lines += [f"  check: {p}" for p in result["check"]["problems"]]
     m = result["machine"]
-    lines.append(f"machine: {m['cores']} cores, {m['cpu']}, torch threads {m['torch_threads']}, "
-                 f"load {m['load_average']}; {result['repeats']} timed repeats after {result['warmup']} warm-up")
+    lines.append(f"machine: {m['cores']} cores, {m['cpu']} ({' '.join(m['cpu_flags'])}; torch "
+                 f"{m['torch_cpu_capability']}), torch threads {m['torch_threads']}, load {m['load_average']}; "
+                 f"{result['repeats']} timed repeats after {result['warmup']} warm-up")
     lines.append("params: " + ", ".join(f"{k}={v}" for k, v in result["params"].items()))
     return "\n".join(lines)
 
