@@ -329,7 +329,10 @@ class ExactlyOnceProcessor:
                 bootstrap_servers=servers, group_id=group_id, isolation_level="read_committed",
                 enable_auto_commit=False, max_poll_records=max_poll_records, allow_auto_create_topics=False, **security,
                 **{"auto_offset_reset": "earliest", "partition_assignment_strategy": [CooperativeStickyAssignor],
-                   "fetch_max_wait_ms": 100,  # live input: an empty fetch comes back within 0.1 s
+                   # a fetch gathers what arrives for 0.25 s: a transaction costs the broker the same few requests and
+                   # markers whatever it holds, so one per arriving record made the broker the largest CPU user
+                   # after decoding (vmh bench e2e)
+                   "fetch_max_wait_ms": 250, "fetch_min_bytes": 1 << 20,
                    "group_instance_id": transactional_id, **(consumer_config or {})},
             )
         except BaseException:

@@ -333,7 +333,7 @@ def measure(params: Params) -> dict:
         if params.soak:
             streams = params.soak_streams or 2 * max(best, 1)
             soak = _run_streams(streams, params.soak, video, env, params, prefix, tmp, workers, broker,
-                                memory_after=60.0)
+                                memory_after=min(60.0, params.soak / 2))  # the first minute, in a long soak
             soak["rss_growth"] = {name: round(mb / soak["rss_mb_after_first_window"][name] - 1, 3)
                                   for name, mb in soak["rss_mb"].items() if soak["rss_mb_after_first_window"].get(name)}
         decode_runs += [decode_capacity(video, frames, frames / duration) for _ in range(3)]
