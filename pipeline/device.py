@@ -32,8 +32,8 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "
 
 
 def cpu_flags() -> dict[str, object]:
-    """The CPU model, its SIMD flags that matter for matching, and the instruction set torch dispatches to: what
-    a benchmark figure or a kernel choice depends on."""
+    """The CPU model, its SIMD flags that matter for matching, and the instruction sets torch and faiss dispatch to:
+    what a benchmark figure or a kernel choice depends on."""
     model, flags = "unknown", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -45,5 +45,8 @@ def cpu_flags() -> dict[str, object]:
                     flags = set(value.split())
     except OSError:
         pass
+    import faiss
+
     return {"cpu": model, "simd": [flag for flag in SIMD_FLAGS if flag in flags],
-            "torch_capability": torch.backends.cpu.get_cpu_capability()}
+            "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "faiss_simd": faiss.SIMDConfig.get_level_name()}

@@ -105,6 +105,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu["cpu"] if cpu["cpu"] != "unknown" else platform.processor() or "unknown",
         "cpu_flags": cpu["simd"],
         "torch_cpu_capability": cpu["torch_capability"],
+        "faiss_simd": cpu["faiss_simd"],
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
@@ -185,7 +186,8 @@ def table(result: dict[str, Any], title: str) -> str:
     lines += [f"  check: {p}" for p in result["check"]["problems"]]
     m = result["machine"]
     lines.append(f"machine: {m['cores']} cores, {m['cpu']} ({' '.join(m['cpu_flags'])}; torch "
-                 f"{m['torch_cpu_capability']}), torch threads {m['torch_threads']}, load {m['load_average']}; "
+                 f"{m['torch_cpu_capability']}, faiss {m['faiss_simd']}), torch threads {m['torch_threads']}, "
+                 f"load {m['load_average']}; "
                  f"{result['repeats']} timed repeats after {result['warmup']} warm-up")
     lines.append("params: " + ", ".join(f"{k}={v}" for k, v in result["params"].items()))
     return "\n".join(lines)
