@@ -8,8 +8,10 @@ and the newest, with and without a time range.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +22,12 @@ from pipeline.bus.topics import create_topics, topics
 
 pytestmark = pytest.mark.integration
 MOMENTS, STREAMS, T0 = 1_000_000, 16, 1.7e9
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def moment_values(n: int, rng) -> tuple[list[bytes], np.ndarray]:
-    """Encoded moment records of 16 streams, 12 a second, made from one record's bytes (each field at its place),
-    and their codes."""
+def moment_values(n: int, rng) -> np.ndarray:
+    """Encoded moment records [n, bytes] of 16 streams, 12 a second, made from one record's bytes (each field at
+    its place), with random codes."""
     template = np.frombuffer(encode(MomentCode("cam-00", 0, 1, np.zeros(16, np.uint8), 128, 0.0, 0.0,
                                                session="x")), np.uint8)
     rows = np.tile(template, (n, 1))
@@ -34,15 +37,41 @@ def moment_values(n: int, rng) -> tuple[list[bytes], np.ndarray]:
     second = i // (12 * STREAMS)
     rows[:, fields:fields + 16] = np.stack([second, second + 1 + i % 12], axis=1).astype("<i8").view(np.uint8)
     rows[:, fields + 16:fields + 32] = np.repeat(T0 + second, 2).reshape(-1, 2).astype("<f8").view(np.uint8)
-    codes = rng.integers(0, 256, (n, 16), dtype=np.uint8)
-    rows[:, -16:] = codes
+    rows[:, -16:] = rng.integers(0, 256, (n, 16), dtype=np.uint8)
     assert rows.shape[1] == PREFIX.size + 6 + MOMENT_FIELDS.size + 1 + 16
-    data, width = rows.tobytes(), rows.shape[1]
-    return [data[j * width:(j + 1) * width] for j in range(n)], codes
+    return rows
+
+
+def produce(bootstrap: str, topic: str, values: np.ndarray, directory) -> None:
+    """``values`` to partition 0 of ``topic`` with Kafka's Java producer (a million records in seconds), keyed
+    "cam", connecting with the configured Kafka security settings."""
+    from pipeline.bus.broker import find_java, kafka_libs
+    from pipeline.bus.security import client_config
+
+    config = client_config()
+    if any(k in config for k in ("ssl_certfile", "ssl_keyfile")):
+        pytest.skip("the Java producer of this test is not given client certificates")
+    lines = [f"bootstrap.servers={bootstrap}", f"security.protocol={config['security_protocol']}"]
+    if "sasl_mechanism" in config:
+        module = "plain.PlainLoginModule" if config["sasl_mechanism"] == "PLAIN" else "scram.ScramLoginModule"
+        lines += [f"sasl.mechanism={config['sasl_mechanism']}",
+                  f"sasl.jaas.config=org.apache.kafka.common.security.{module} required "
+                  f"username={json.dumps(config['sasl_plain_username'])} "
+                  f"password={json.dumps(config['sasl_plain_password'])};"]
+    if "ssl_cafile" in config:
+        lines += ["ssl.truststore.type=PEM", f"ssl.truststore.location={config['ssl_cafile']}"]
+    (directory / "producer.properties").write_text("\n".join(line.replace("\\", "\\\\") for line in lines))
+    key = np.frombuffer(b"cam", np.uint8)
+    records = np.concatenate([np.tile(key, (len(values), 1)), values], axis=1)
+    header = np.array([len(values), len(key), values.shape[1]], ">i4").tobytes()
+    (directory / "records.bin").write_bytes(header + records.tobytes())
+    subprocess.run([find_java(), "-cp", f"{kafka_libs()}/*", str(FIXTURES / "ProduceRecords.java"),
+                    str(directory / "producer.properties"), topic, "0", str(directory / "records.bin")],
+                   check=True, timeout=120)
 
 
 def test_a_query_worker_restores_a_million_moments_and_searches_them(kafka_bootstrap, tmp_path):
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka import KafkaConsumer, TopicPartition
     from kafka.structs import OffsetAndMetadata
 
     from pipeline.bus.kafka import connect
@@ -51,16 +80,12 @@ def test_a_query_worker_restores_a_million_moments_and_searches_them(kafka_boots
     prefix = f"restore-{uuid.uuid4().hex[:8]}"
     create_topics(kafka_bootstrap, prefix=prefix, partitions=1)
     names = topics(prefix)
-    values, codes = moment_values(MOMENTS, np.random.default_rng(0))
-    assert decode(values[-1], MomentCode).stream_id == f"cam-{(MOMENTS - 1) % STREAMS:02d}"
+    values = moment_values(MOMENTS, np.random.default_rng(0))
+    assert decode(values[-1].tobytes(), MomentCode).stream_id == f"cam-{(MOMENTS - 1) % STREAMS:02d}"
     oldest, middle, newest = bytes(16), bytes([255] * 16), bytes([0x0F] * 16)  # far from random codes
     for offset, code in ((0, oldest), (MOMENTS // 2, middle), (MOMENTS - 1, newest)):
-        values[offset] = values[offset][:-16] + code
-    producer = connect(KafkaProducer, kafka_bootstrap, acks=1, batch_size=1 << 20, linger_ms=20)
-    for value in values:
-        producer.send(names.moments, value=value, key=b"cam", partition=0)
-    producer.flush()
-    producer.close()
+        values[offset, -16:] = np.frombuffer(code, np.uint8)
+    produce(kafka_bootstrap, names.moments, values, tmp_path)
     group = f"{prefix}-query"  # the worker's: it resumes past every moment, as after a restart
     committer = connect(KafkaConsumer, kafka_bootstrap, group_id=group, enable_auto_commit=False)
     committer.assign([TopicPartition(names.moments, 0)])
