@@ -3,6 +3,7 @@ from its checkpoint, records to and from bytes."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -102,6 +103,20 @@ def use_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads or 1)
+
+
+def return_large_buffers() -> None:
+    """Have glibc give large freed buffers (CNN activations, frames) back to the system at once. By default it raises
+    its mmap threshold whenever such a buffer is freed, after which they come from the heap, whose fragments it keeps:
+    an overloaded producer of 10 streams grew from 1.30 to 1.54 GB in 90 s so, and stayed at 1.2 GB with the
+    threshold fixed at 1 MB. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def load_model(checkpoint: str, device):

@@ -60,9 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.video.multi import MultiSource
     from pipeline.video.source import SourceOptions, VideoSource
     from workers import metrics
-    from workers.common import EXIT_BUS, error_outgoing, outgoing, stop_on_signals, use_threads
+    from workers.common import EXIT_BUS, error_outgoing, outgoing, return_large_buffers, stop_on_signals, use_threads
 
     use_threads(args.torch_threads)
+    return_large_buffers()
     specs = [stream_spec(s) for s in args.sources]
     if len({i for i, _ in specs}) != len(specs):
         raise SystemExit(f"vmh producer: stream ids repeat: {[i for i, _ in specs]}; name them as ID=SOURCE")
