@@ -120,3 +120,19 @@ def test_a_query_worker_restores_a_million_moments_and_searches_them(kafka_boots
 
 def _restored(log) -> bool:
     return log.exists() and '"partition restored"' in log.read_text()
+
+
+def test_read_chunks_gives_a_range_a_chunk_at_a_time(kafka_bootstrap, topic_factory):
+    from pipeline.bus.kafka import at_least_once_producer, read_chunks, read_range
+
+    topic = topic_factory(partitions=1)
+    producer = at_least_once_producer(kafka_bootstrap)
+    for i in range(2500):
+        producer.send(topic, value=str(i).encode(), partition=0)
+    producer.flush()
+    producer.close()
+    chunks = list(read_chunks(topic, 0, 100, 2400, bootstrap=kafka_bootstrap, chunk=1000))
+    assert [r.offset for chunk in chunks for r in chunk] == list(range(100, 2400))
+    assert len(chunks) >= 2 and all(len(chunk) < 1000 + 500 for chunk in chunks[:-1])  # a poll adds <= 500
+    assert [r.value for r in read_range(topic, 0, 2490, 9999, bootstrap=kafka_bootstrap)] == [
+        str(i).encode() for i in range(2490, 2500)]
