@@ -4,6 +4,7 @@ Python; this writes the kernel's (15 bytes, Linux only, a no-op elsewhere)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 
@@ -13,6 +14,16 @@ def name_os_thread(name: str, native_id: int | None = None) -> None:
         with open(f"/proc/self/task/{native_id or threading.get_native_id()}/comm", "w") as f:
             f.write(name[:15])
     except OSError:
+        pass
+
+
+def lower_priority(steps: int) -> None:
+    """Make the calling thread ``steps`` nicer than it is (Linux threads have their own nice value; threads it starts
+    inherit it). Unprivileged, and a no-op where threads cannot be reniced."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except (OSError, AttributeError):
         pass
 
 

@@ -1,5 +1,9 @@
 """Several video sources in one process: one decode thread per stream, merged into one bounded queue.
 
+Decode threads of live streams run at a lower priority than the thread that takes their frames: when the process
+cannot keep up, the decoders fall behind and shed whole stretches up to a keyframe (see ``pipeline.video.source``),
+which costs nothing, rather than starving the CNN of the CPU and delaying every frame already decoded.
+
 A stream that fails becomes a ``StreamError`` item for that stream while the others carry on; the bounded queue
 gives backpressure, so decode threads wait for the CNN instead of buffering without limit.
 """
@@ -12,10 +16,11 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Union
 
-from pipeline.threads import name_os_thread
+from pipeline.threads import lower_priority, name_os_thread
 from pipeline.video.source import SampledFrame, VideoSource
 
 log = logging.getLogger(__name__)
+DECODE_NICENESS = 10  # decode threads yield to the thread that batches their frames through the CNN
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class MultiSource:
 
     def _run(self, source: VideoSource) -> None:
         name_os_thread(f"decode-{source.stream_id}")  # before the codec starts its own threads, which inherit it
+        if source.live or source.options.realtime:  # overloaded, the CNN thread keeps up and the decoders shed
+            lower_priority(DECODE_NICENESS)  # (libavcodec's threads inherit the priority too)
         try:
             for frame in source:
                 if not self._put(frame):
