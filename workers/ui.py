@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.bus.kafka import BusError, bootstrap_servers
     from pipeline.bus.topics import create_topics, topics
     from pipeline.client import Client
-    from pipeline.ui.app import LOOPBACK_HOSTS, Hub, create_app
+    from pipeline.ui.app import LOOPBACK_HOSTS, Hub, UiServer, create_app
     from pipeline.ui.view import LiveView
     from workers.common import EXIT_BUS
     from workers.metrics import Heartbeat
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     view, hub, heartbeat = LiveView(int(args.ui_keyframe_memory * 2**20)), Hub(), Heartbeat(args.health_deadline)
     client = Client(bootstrap, args.topic_prefix, checkpoint=args.checkpoint or None)
     app = create_app(view, hub, client, heartbeat, loopback_only=args.ui_address in LOOPBACK_HOSTS)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.ui_address, port=args.ui_port, log_config=None,
-                                           access_log=False, timeout_graceful_shutdown=2))
+    server = UiServer(uvicorn.Config(app, host=args.ui_address, port=args.ui_port, log_config=None, access_log=False,
+                                     timeout_graceful_shutdown=2), hub)
     stop, failed = threading.Event(), []
 
     def follow() -> None:

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -59,6 +60,15 @@ class Hub:
     def leave(self, page: Page) -> None:
         self._pages.discard(page)
 
+    def close(self) -> None:
+        """End every page's event stream (at shutdown, so the server need not wait for them); on the event loop."""
+        for page in list(self._pages):
+            page.dropped = True
+            try:
+                page.queue.put_nowait(None)  # wakes the stream
+            except asyncio.QueueFull:
+                pass
+
     def publish(self, events: list[Event]) -> None:
         """From any thread."""
         if events and self._loop is not None and self._pages:
@@ -72,6 +82,18 @@ class Hub:
             except asyncio.QueueFull:  # its stream ends; the browser's EventSource reconnects to a fresh snapshot
                 page.dropped = True
                 self._pages.discard(page)
+
+
+class UiServer(uvicorn.Server):
+    """Ends the pages' event streams when told to exit: open streams would hold up the graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
+        super().__init__(config)
+        self.hub = hub
+
+    def handle_exit(self, sig, frame) -> None:
+        self.hub.close()
+        super().handle_exit(sig, frame)
 
 
 def create_app(view: LiveView, hub: Hub, client, heartbeat, loopback_only: bool = True) -> Starlette:
@@ -88,9 +110,12 @@ def create_app(view: LiveView, hub: Hub, client, heartbeat, loopback_only: bool 
                 yield _sse(view.snapshot())
                 while not joined.dropped:
                     try:
-                        yield _sse(await asyncio.wait_for(joined.queue.get(), KEEPALIVE_S))
+                        event = await asyncio.wait_for(joined.queue.get(), KEEPALIVE_S)
                     except TimeoutError:
                         yield ": keep-alive\n\n"
+                        continue
+                    if event is not None:
+                        yield _sse(event)
             finally:
                 hub.leave(joined)
 
