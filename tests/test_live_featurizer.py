@@ -19,10 +19,16 @@ IDENTITY = {"backbone": "fake", "weights_sha256": "00", "frame_size": 4, "sample
 
 
 class FakeEncoder:
-    sample_rate, dim = 2.0, 3
+    sample_rate, dim, motion_dim = 2.0, 3, 0
 
-    def encode(self, frames):
+    def __init__(self):
+        self.forgotten = []
+
+    def encode_frames(self, frames):
         return np.ones((len(frames), self.dim), np.float32)
+
+    def forget(self, stream_id):
+        self.forgotten.append(stream_id)
 
     def identity(self):
         return IDENTITY
@@ -42,7 +48,7 @@ def test_records_name_their_session_and_extractor_and_the_end_is_marked():
     ended = featurizer.process([StreamEnded("a"), StreamEnded("b")])
     # a's final second went out complete: it goes out again as the end marker; b's was still open: it is marked
     assert [(r.stream_id, r.t, r.last) for r in ended.records] == [("a", 2, True), ("b", 1, True)]
-    assert ended.ended == ["a", "b"]
+    assert ended.ended == ["a", "b"] and featurizer.encoder.forgotten == ["a", "b"]  # their motion state too
 
 
 def test_a_new_featurizer_is_a_new_session():
