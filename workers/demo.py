@@ -22,12 +22,13 @@ from pathlib import Path
 from pipeline.settings import add_settings
 
 # the demo's recipe: cheaper than the defaults so that a first run trains in minutes on two cores
-SAMPLE_RATE, FRAME_SIZE, GRID = 2.0, 160, 2
+SAMPLE_RATE, FRAME_SIZE, GRID, MOTION = 2.0, 160, 2, 4
 DATASET = ["--seed", "7", "--train", "240"]  # generator version 2; more videos than the default, fewer epochs
-TRAINING = ["--preset", "lite", "--epochs", "6"]  # the training recipe for alerts (TrainOptions' defaults)
+TRAINING = ["--preset", "lite", "--epochs", "20"]  # the training recipe for alerts (TrainOptions' defaults)
 STREAMS = 6  # held-out videos streamed at once: the first of the test split, not picked
 ABSENT = 4  # standing queries whose event happens in none of the streams
-RECIPE = {"dataset": DATASET, "extractor": [SAMPLE_RATE, FRAME_SIZE, GRID], "training": TRAINING, "version": 2}
+RECIPE = {"dataset": DATASET, "extractor": [SAMPLE_RATE, FRAME_SIZE, GRID, MOTION], "training": TRAINING,
+          "version": 3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +43,9 @@ def prepare(cache: Path, retrain: bool = False) -> Path:
     from workers import cli
 
     data, model = cache / "synth-v2", cache / "model"
-    features = cache / f"features-{FRAME_SIZE}px-{SAMPLE_RATE:g}fps-grid{GRID}"
-    extractor = ["--sample-rate", str(SAMPLE_RATE), "--frame-size", str(FRAME_SIZE), "--spatial-grid", str(GRID)]
+    features = cache / f"features-{FRAME_SIZE}px-{SAMPLE_RATE:g}fps-grid{GRID}-motion{MOTION}"
+    extractor = ["--sample-rate", str(SAMPLE_RATE), "--frame-size", str(FRAME_SIZE), "--spatial-grid", str(GRID),
+                 "--motion-grid", str(MOTION)]
     _step("rendering the synthetic dataset", cli.main(["synth", "--out", str(data), *DATASET]))
     _step("extracting features", cli.main(["extract", str(data / "videos"), "--out", str(features), *extractor]))
     marker = cache / "trained.json"  # the recipe of the cached model, and whether its training ran every epoch
