@@ -163,7 +163,9 @@ def read_committed_consumer(
     """
     consumer = connect(
         KafkaConsumer, bootstrap, group_id=group_id, isolation_level="read_committed",
-        auto_offset_reset="earliest" if from_beginning else "latest", allow_auto_create_topics=False, **config,
+        auto_offset_reset="earliest" if from_beginning else "latest", allow_auto_create_topics=False,
+        # without a group there is nothing to commit (and kafka-python warns about it on every consumer)
+        **{"enable_auto_commit": group_id is not None, **config},
     )
     if group_id is not None:
         consumer.subscribe(list(topics))
