@@ -144,10 +144,11 @@ class FrameEncoder:
         """Sampled frames of any streams, each stream in media-time order -> [N, dim]: what a features record
         holds per frame before pooling."""
         side = self.frame_size
-        appearance = self.encode(np.stack([f.rgb for f in frames]) if frames else np.empty((0, side, side, 3), np.uint8))
+        rgb = np.stack([f.rgb for f in frames]) if frames else np.empty((0, side, side, 3), np.uint8)
+        appearance = self.encode(rgb)
         if self.motion is None:
             return appearance
-        return np.concatenate([appearance, self.motion.encode(frames)], axis=1)
+        return np.concatenate([appearance, self.motion.encode(frames, rgb)], axis=1)
 
     def forget(self, stream_id: str) -> None:
         """The stream ended: drop what motion kept of it."""

@@ -65,18 +65,19 @@ class LiveFeaturizer:
             if isinstance(item, (StreamEnded, StreamError)):
                 out.records += self._end(item.stream_id)
                 out.ended.append(item.stream_id)
-                if self.shedder is not None:
-                    self.shedder.forget(item.stream_id)
             if isinstance(item, StreamError):
                 out.errors.append(self._error(item))
         return out
 
     def _end(self, stream_id: str) -> list[FrameFeatures]:
-        """The stream's remaining records, the final one marked ``last`` (or the end marker)."""
+        """The stream's remaining records, the final one marked ``last`` (or the end marker); everything kept of
+        the stream (motion, shedding) is freed here, in one place."""
         records = self._records(self.pooler.flush(stream_id))
         final = records.pop() if records else self._latest.get(stream_id)
         self._latest.pop(stream_id, None)
         self.encoder.forget(stream_id)
+        if self.shedder is not None:
+            self.shedder.forget(stream_id)
         return records + ([replace(final, last=True)] if final is not None else [])
 
     def _records(self, seconds: list[PooledSecond]) -> list[FrameFeatures]:

@@ -44,13 +44,14 @@ class MotionEncoder:
         self.dim = motion_dim(grid)
         self._previous: dict[str, np.ndarray] = {}  # each stream's last small grey frame
 
-    def encode(self, frames: Sequence[SampledFrame]) -> np.ndarray:
+    def encode(self, frames: Sequence[SampledFrame], rgb: np.ndarray | None = None) -> np.ndarray:
+        """``rgb``: the frames' pixels already stacked [N, H, W, 3], as the frame path has them for the CNN."""
         import cv2
 
         out = np.zeros((len(frames), 3, FLOW_SIDE, FLOW_SIDE), np.float32)
         if not frames:
             return self._pool(out)
-        small = _small_grey(np.stack([f.rgb for f in frames]))
+        small = _small_grey(np.stack([f.rgb for f in frames]) if rgb is None else rgb)
         for i, frame in enumerate(frames):  # one OpenCV call per frame pair: flow has no batched form
             previous = self._previous.get(frame.stream_id)
             if previous is not None and frame.gap <= 0:
