@@ -15,6 +15,7 @@ from pipeline.datasets import Annotation, Video
 from pipeline.matching.live import LiveMatcher
 from pipeline.model import build_cmhn, save_checkpoint
 from pipeline.model.checkpoint import calibrated_threshold, set_calibration
+from pipeline.training import alerts
 from pipeline.training.alerts import Alert, Truth, alert_sweep, best_threshold, calibrate, score_alerts
 from pipeline.training.evaluate import Sample
 
@@ -97,6 +98,17 @@ def test_sweep_runs_the_live_logic_and_calibration_is_stored(tmp_path: Path) -> 
     assert calibrated_threshold(checkpoint) == calibration["threshold"]
     stored = json.loads((checkpoint / "config.json").read_text())
     assert stored["calibration"]["rule"] and stored["calibration"]["videos"] == 2
+
+
+def test_a_sweep_with_patience_stops_past_its_peak(monkeypatch) -> None:
+    f1s = iter([0.0, 0.2, 0.5, 0.4, 0.5, 0.3, 0.2, 0.9])  # a dip, the peak matched, then two below: stop there
+    monkeypatch.setattr(alerts, "live_alerts", lambda *args, **kwargs: [])
+    monkeypatch.setattr(alerts, "score_alerts", lambda *args, **kwargs: {"IoU=0.5": {"f1": next(f1s)}})
+    model = build_cmhn("lite", video_dim=8, sentence_dim=6, bits=32).eval()
+    streams = [sample("a", 40, [("x", "x", 3, 9)])]
+    sweep = alert_sweep(model, streams, range(8), patience=2)
+    assert [entry["threshold"] for entry in sweep] == [0, 1, 2, 3, 4, 5, 6]
+    assert best_threshold(sweep)["threshold"] == 2
 
 
 def test_a_query_without_threshold_takes_the_models() -> None:

@@ -20,6 +20,7 @@ from pipeline.features.backbone import (
     UnknownBackbone,
     build_backbone,
     default_weights_path,
+    fuse_batch_norms,
 )
 from pipeline.features.pooling import SecondPooler
 from pipeline.video.source import SampledFrame, SourceOptions, VideoSource
@@ -159,8 +160,11 @@ def test_encoder_matches_torchvision_and_is_deterministic(encoder: FrameEncoder)
     model.load_state_dict(torch.load(encoder.weights_path, weights_only=True))
     with torch.no_grad():
         reference = model.eval().features(imagenet(frames)).mean((2, 3)).numpy()
-    np.testing.assert_allclose(out, reference, atol=1e-4)
+    np.testing.assert_allclose(out, reference, atol=1e-4)  # with its batch norms folded into the convolutions
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.model.modules())
     assert encoder.encode(np.empty((0, 64, 64, 3), np.uint8)).shape == (0, 1280)
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_batch_norms(torchvision.models.mobilenet_v2().train())
 
 
 @pytest.mark.integration

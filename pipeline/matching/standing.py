@@ -101,9 +101,10 @@ class StandingQueries:
             self._index.add(_stack([q.code for q in queries]))
         lims, distances, rows = self._index.range_search(_stack([m.code for m in moments]), self._radii)
         which = np.repeat(np.arange(len(moments)), np.diff(lims))
-        return sorted(Hit(self._ids[q], moments[m].stream_id, moments[m].start, moments[m].end, d,
-                          moments[m].capture_time)
-                      for m, q, d in zip(which.tolist(), rows.tolist(), distances.tolist()))
+        # sorted as plain tuples (Hit's field order, so Hit's order), compared in C rather than by Hit.__lt__
+        return [Hit(*fields) for fields in sorted(
+            (self._ids[q], moments[m].stream_id, moments[m].start, moments[m].end, d, moments[m].capture_time)
+            for m, q, d in zip(which.tolist(), rows.tolist(), distances.tolist()))]
 
 
 def _stack(codes: list[np.ndarray]) -> np.ndarray:

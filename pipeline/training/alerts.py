@@ -191,8 +191,13 @@ def live_alerts(rounds: Sequence[Sequence], queries: Sequence[str], codes: np.nd
 
 
 def alert_sweep(model, samples: Sequence, thresholds: Iterable[int], *, settle: int = 3,
-                ious: Sequence[float] = IOUS, progress: bool = False) -> list[dict]:
-    """``score_alerts`` at each threshold: one live encoding of all streams, one live matching per threshold."""
+                ious: Sequence[float] = IOUS, progress: bool = False, patience: int | None = None) -> list[dict]:
+    """``score_alerts`` at each threshold: one live encoding of all streams, one live matching per threshold.
+
+    ``patience`` n stops the sweep after n thresholds in a row below its best F1 at IoU 0.5 so far (0.5 must be
+    one of ``ious``). F1 rises to a
+    peak and falls as false events flood in, and the flood is what makes the high thresholds slow: a sweep of an
+    untrained model spent four fifths of its time past the peak."""
     from tqdm import tqdm
 
     from pipeline.model import moments_ending_at
@@ -202,11 +207,15 @@ def alert_sweep(model, samples: Sequence, thresholds: Iterable[int], *, settle: 
     rounds = stream_moments(model, samples)
     codes = query_codes(model, truth.queries, samples)
     per_second = lambda second: moments_ending_at(second, config.kernel_sizes, config.strides)  # noqa: E731
-    sweep = []
-    for threshold in tqdm(list(thresholds), desc="thresholds", unit="threshold", disable=not progress):
+    sweep, best, below = [], 0.0, 0
+    for threshold in tqdm(sorted(thresholds), desc="thresholds", unit="threshold", disable=not progress):
         alerts = live_alerts(rounds, truth.queries, codes, config.bits, threshold, settle=settle,
                              moments_per_second=per_second)
         sweep.append({"threshold": threshold, **score_alerts(alerts, truth, ious)})
+        f1 = sweep[-1]["IoU=0.5"]["f1"] if patience is not None else 0.0
+        best, below = max(best, f1), 0 if f1 >= best else below + 1
+        if patience is not None and below >= patience:
+            break
     return sweep
 
 
@@ -225,9 +234,13 @@ def thresholds_for(bits: int, points: int = 32) -> range:
     return range(step, bits // 2 + 1, step)
 
 
+CALIBRATION_PATIENCE = 3  # thresholds past the best F1 that calibration still tries
+
+
 def calibrate(model, val_samples: Sequence, *, settle: int = 3, thresholds: Iterable[int] | None = None) -> dict:
-    """The checkpoint's threshold and what it measured on the validation split, for ``set_calibration``."""
+    """The checkpoint's threshold and what it measured on the validation split, for ``set_calibration``; the sweep
+    stops ``CALIBRATION_PATIENCE`` thresholds past its best."""
     thresholds = thresholds_for(model.config.bits) if thresholds is None else thresholds
-    best = best_threshold(alert_sweep(model, val_samples, thresholds, settle=settle))
+    best = best_threshold(alert_sweep(model, val_samples, thresholds, settle=settle, patience=CALIBRATION_PATIENCE))
     return {"threshold": best["threshold"], "rule": CALIBRATION_RULE, "settle": settle,
             "videos": len(val_samples), "queries": best["queries"], **best["IoU=0.5"]}
