@@ -12,7 +12,7 @@ import pytest
 from pipeline.bus.records import extractor_id
 from pipeline.features.live import LiveFeaturizer
 from pipeline.video.multi import MultiSource, StreamEnded
-from pipeline.video.source import SampledFrame
+from pipeline.video.source import SampledFrame, SourceOptions
 from workers.producer import differences, use_checkpoint_extractor
 
 IDENTITY = {"backbone": "fake", "weights_sha256": "00", "frame_size": 4, "sample_rate": 2.0, "dim": 3}
@@ -68,6 +68,8 @@ def test_the_checkpoint_decides_the_extractor(tmp_path):
 
 class Waiting:
     """A source that yields nothing until stopped, like a live stream waiting to reconnect."""
+
+    live, options = True, SourceOptions(live=True)  # what MultiSource reads of a source besides iterating it
 
     def __init__(self, stream_id):
         self.stream_id, self._stop = stream_id, threading.Event()
