@@ -29,9 +29,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=lambda v: redact(str(v)))
 
 
+class SlowStepFilter(logging.Filter):
+    """kafka-python warns whenever one step of its network loop took over 0.1 s. On a machine short of CPU that is
+    every few seconds in every worker, says nothing a user can act on and buries the lines that do; it is kept for
+    DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        slow_step = record.name == "kafka.net.selector" and str(record.msg).startswith("Task %r ran for")
+        return not slow_step or logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+
+
 def configure(level: str = "WARNING") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(SlowStepFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.Formatter.converter = time.gmtime
 
