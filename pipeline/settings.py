@@ -20,6 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.weights import checkpoint_location
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -127,7 +129,8 @@ _DECLARED = [
     Setting("ui-keyframe-memory", 256.0, "megabytes of key frames the web view keeps in memory, newest first", float),
     # model
     Setting("preset", "lite", "CMHN preset: lite, tacos or activitynet"),
-    Setting("checkpoint", "", "path of a CMHN checkpoint directory"),
+    Setting("checkpoint", "", "CMHN checkpoint directory, or the name of a published one (lite-synth-v2; vmh up "
+            "serves it when none is given)", checkpoint_location),
 ]
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}

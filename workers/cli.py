@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ui": ("workers.ui", "the web view: streams, standing queries, match events with their key frames, search"),
     "search": ("workers.search_cmd", "search the recent moments by text"),
     "topics": ("workers.topics_cmd", "create the pipeline's topics"),
-    "demo": ("workers.demo", "the main job: train a small model once, stream a held-out video, print matches live"),
+    "demo": ("workers.demo", "the main job: held-out videos streamed live against standing queries, every alert judged"),
     "up": ("workers.up", "the whole system on one machine: broker, topics and workers; Ctrl-C stops all"),
     "synth": ("workers.synth_cmd", "render the synthetic moment-localization dataset"),
     "extract": ("workers.extract_cmd", "per-second frame features of a folder of videos, for training"),

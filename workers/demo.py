@@ -1,13 +1,14 @@
 """`vmh demo`: the main job on a fresh machine, and an honest measure of what the product does.
 
-The first run renders a synthetic dataset, extracts its features through the producer's frame path and trains the
-lite model, whose alert threshold training calibrates on the validation split; all of it is cached under
-<cache-dir>/demo. Every run then starts the broker (unless one is given) and the workers, registers every caption of
-the first held-out videos as a standing query, plus captions of events that happen in none of them, pushes those
-videos as live streams at once in real time and prints each match event as it arrives, marked right or wrong
-against the ground truth (pipeline/training/alerts.py, the same judge as `vmh eval --alerts`), then the summary:
-event precision, moment recall and false events per stream-hour. It is a script of the user-facing commands (synth,
-extract, train, up, query add, push, subscribe), run in-process.
+It renders the held-out test split of a synthetic dataset and serves the published model (pipeline/weights:
+trained on 3,000 videos of the same generator and seed, none of them these, its threshold calibrated on the
+validation split); with --train it first trains the lite model itself on fewer videos, as a user would, in minutes
+(cached under <cache-dir>/demo). It then starts the broker (unless one is given) and the workers, registers every
+caption of the first held-out videos as a standing query, plus captions of events that happen in none of them,
+pushes those videos as live streams at once in real time and prints each match event as it arrives, marked right or
+wrong against the ground truth (pipeline/training/alerts.py, the same judge as `vmh eval --alerts`), then the
+summary: event precision, moment recall and false events per stream-hour. It is a script of the user-facing commands
+(synth, extract, train, up, query add, push, subscribe), run in-process.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from pathlib import Path
 
 from pipeline.settings import add_settings
 
-# the demo's recipe: cheaper than the defaults so that a first run trains in minutes on two cores
+# the demo's recipe, the published model's too (on 3,000 videos): cheaper than the defaults so that --train trains
+# in minutes on two cores
 SAMPLE_RATE, FRAME_SIZE, GRID, MOTION = 2.0, 160, 2, 4
-DATASET = ["--seed", "7", "--train", "240"]  # generator version 2; more videos than the default, fewer epochs
+SEED = ["--seed", "7"]  # generator version 2; each video is drawn from (seed, split, index), whatever the counts
+DATASET = [*SEED, "--train", "240"]  # more videos than the default, fewer epochs
+HELD_OUT = [*SEED, "--train", "0", "--val", "0"]  # the same test split alone: all the published model needs
 TRAINING = ["--preset", "lite", "--epochs", "20"]  # the training recipe for alerts (TrainOptions' defaults)
 STREAMS = 6  # held-out videos streamed at once: the first of the test split, not picked
 ABSENT = 4  # standing queries whose event happens in none of the streams
@@ -34,14 +38,23 @@ RECIPE = {"dataset": DATASET, "extractor": [SAMPLE_RATE, FRAME_SIZE, GRID, MOTIO
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "cache-dir", "bootstrap-servers", "broker-port", "ui-address", "ui-port")
     parser.add_argument("--streams", type=int, default=STREAMS, help="held-out videos to stream at once [%(default)s]")
-    parser.add_argument("--retrain", action="store_true", help="train again even if a model is cached")
+    parser.add_argument("--train", action="store_true",
+                        help="serve a lite model trained here on 240 videos (about 8 minutes, once), not the published one")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train again even if a model is cached (implies --train)")
 
 
-def prepare(cache: Path, retrain: bool = False) -> Path:
-    """Dataset, features and calibrated checkpoint, each made once and then reused; returns the checkpoint."""
+def prepare(cache: Path, train: bool = False, retrain: bool = False) -> tuple[Path, Path]:
+    """The dataset holding the held-out videos and the checkpoint to serve: the published one, or with `train` the
+    demo's own, whose dataset, features and calibrated model are each made once and then reused."""
+    from pipeline.weights import published_checkpoint
     from pipeline.training.train import state_path
     from workers import cli
 
+    if not train:
+        data = cache / "synth-v2-test"
+        _step("rendering the held-out videos", cli.main(["synth", "--out", str(data), *HELD_OUT]))
+        return data, published_checkpoint()
     data, model = cache / "synth-v2", cache / "model"
     features = cache / f"features-{FRAME_SIZE}px-{SAMPLE_RATE:g}fps-grid{GRID}-motion{MOTION}"
     extractor = ["--sample-rate", str(SAMPLE_RATE), "--frame-size", str(FRAME_SIZE), "--spatial-grid", str(GRID),
@@ -58,7 +71,7 @@ def prepare(cache: Path, retrain: bool = False) -> Path:
             "train", "--dataset", f"activitynet:{data / 'train.json'}", "--features", str(features),
             "--out", str(model), *TRAINING, *(["--resume"] if interrupted and not retrain else [])]))
         marker.write_text(json.dumps({"recipe": RECIPE, "complete": True}))
-    return model
+    return data, model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,8 +84,12 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the demo prints its own story; workers log to stderr
     cache = Path(args.cache_dir) / "demo"
-    checkpoint = prepare(cache, args.retrain)
-    test = sorted(load_dataset("activitynet", cache / "synth-v2" / "test.json"), key=lambda v: v.video_id)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where the directory should be, no permission, a full disk
+        raise SystemExit(f"vmh demo: cannot use the cache directory {cache} (--cache-dir): {error}") from None
+    data, checkpoint = prepare(cache, args.train or args.retrain, args.retrain)
+    test = sorted(load_dataset("activitynet", data / "test.json"), key=lambda v: v.video_id)
     streamed, others = test[: args.streams], test[args.streams :]
     present = {a.event for v in streamed for a in v.annotations}
     absent: dict[str, str] = {}
@@ -82,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
     truth = Truth.of(streamed, extra_queries=absent.items())
     threshold = calibrated_threshold(checkpoint)
     print(f"\nstreaming {len(streamed)} held-out videos live at once ({truth.stream_seconds:.0f} stream-seconds) "
-          f"against {len(truth.queries)} standing queries ({len(absent)} of events in none of them); threshold "
-          f"{threshold} bits, calibrated on the validation split")
+          f"against {len(truth.queries)} standing queries ({len(absent)} of events in none of them) with the model "
+          f"{checkpoint}; threshold {threshold} bits, calibrated on the validation split")
 
     prefix = f"demo-{uuid.uuid4().hex[:6]}"
     up_args = argparse.Namespace(sources=[], realtime=True, loop=False, checkpoint=str(checkpoint),
@@ -101,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {query_id:>4}: {text!r} (on {', '.join(where)})")
         subscription = client.subscribe(from_beginning=True)
         wait_until_consuming(bootstrap, [f"{prefix}-encoder", f"{prefix}-query"])
-        sources = [f"{v.video_id}={cache / 'synth-v2' / 'videos' / v.video_id}.mp4" for v in streamed]
+        sources = [f"{v.video_id}={data / 'videos' / v.video_id}.mp4" for v in streamed]
         judge = AlertJudge(truth)
         started = time.time()
         producer = system.start("producer", "producer", *sources, "--realtime")

@@ -22,11 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  "ui-port", "cache-dir")
 
 
-def default_checkpoint(cache_dir: str) -> Path:
-    """Where `vmh demo` caches the model it trains."""
-    return Path(cache_dir) / "demo" / "model"
-
-
 class System:
     """The child processes of `vmh up`, started and stopped together."""
 
@@ -112,9 +107,16 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.bus.broker import stop_broker
     from workers.ui import address
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.cache_dir)
-    if not (checkpoint / "config.json").is_file():
-        print(f"vmh up: no checkpoint at {checkpoint}: pass --checkpoint, or run `vmh demo` once to train one",
+    from pipeline.model.checkpoint import CONFIG
+    from pipeline.weights import published_checkpoint
+
+    try:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else published_checkpoint()
+    except FileNotFoundError as error:
+        print(f"vmh up: {error}; pass --checkpoint", file=sys.stderr)
+        return 2
+    if not (checkpoint / CONFIG).is_file():
+        print(f"vmh up: no checkpoint at {checkpoint}: pass another --checkpoint, or none for the published model",
               file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # stop the children as on Ctrl-C, rather than orphan them
