@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.2"
 MIN_JAVA = 17
-JVM_OPTIONS = ("-Xmx512m", "-Xms128m", "-XX:+UseSerialGC", "-Djava.awt.headless=true")
+# a fixed heap, touched at start, as Kafka's own start script fixes it (-Xms = -Xmx): one that grows from a small -Xms
+# shows as the broker's RSS creeping for minutes under a steady load (365 to 419 MB in a 10-minute soak)
+JVM_OPTIONS = ("-Xms512m", "-Xmx512m", "-XX:+AlwaysPreTouch", "-XX:+UseSerialGC", "-Djava.awt.headless=true")
 
 
 class BrokerError(RuntimeError):
