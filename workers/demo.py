@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "cache-dir", "bootstrap-servers", "broker-port", "ui-address", "ui-port")
     parser.add_argument("--streams", type=int, default=STREAMS, help="held-out videos to stream at once [%(default)s]")
     parser.add_argument("--train", action="store_true",
-                        help="serve a lite model trained here on 240 videos (about 8 minutes, once), not the published one")
+                        help="serve a lite model trained here on 240 videos (about 10 minutes, once), not the published one")
     parser.add_argument("--retrain", action="store_true",
                         help="train again even if a model is cached (implies --train)")
 

@@ -107,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.bus.broker import stop_broker
     from workers.ui import address
 
-    from pipeline.model.checkpoint import CONFIG
     from pipeline.weights import published_checkpoint
 
     try:
@@ -115,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         print(f"vmh up: {error}; pass --checkpoint", file=sys.stderr)
         return 2
-    if not (checkpoint / CONFIG).is_file():
+    if not (checkpoint / "config.json").is_file():
         print(f"vmh up: no checkpoint at {checkpoint}: pass another --checkpoint, or none for the published model",
               file=sys.stderr)
         return 2
