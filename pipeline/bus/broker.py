@@ -509,8 +509,9 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def free_port_pair() -> int:
-    """A port p with p and p + 1 free on loopback (the broker's client and controller listeners)."""
-    for port in random.sample(range(20000, 40000, 2), 200):
+    """A port p with p and p + 1 free on loopback (the broker's client and controller listeners). Drawn below Linux's
+    ephemeral range (32768-60999), where any outgoing connection may take a port between this check and its use."""
+    for port in random.sample(range(20000, 32766, 2), 200):
         try:
             with socket.socket() as a, socket.socket() as b:
                 a.bind(("127.0.0.1", port))
@@ -518,4 +519,4 @@ def free_port_pair() -> int:
             return port
         except OSError:
             continue
-    raise RuntimeError("no free pair of loopback ports in 20000-40000")
+    raise RuntimeError("no free pair of loopback ports in 20000-32767")
