@@ -211,3 +211,20 @@ def test_a_producer_whose_sources_send_nothing_turns_unhealthy(kafka_bootstrap, 
     finally:
         stop(producer)
         silent.close()
+
+
+def test_the_lag_gauge_shows_owned_partitions_and_forgets_those_that_left():
+    from kafka import TopicPartition
+    from prometheus_client import REGISTRY
+
+    from workers.common import publish_lag
+
+    def gauge(tp):
+        return REGISTRY.get_sample_value("vmh_consumer_lag_records", {"topic": tp.topic, "partition": str(tp.partition)})
+
+    a, b = TopicPartition("lag-test", 0), TopicPartition("lag-test", 1)
+    shown = publish_lag({a: 3, b: 0}, set())
+    assert shown == {a, b} and gauge(a) == 3 and gauge(b) == 0
+    shown = publish_lag({b: 7}, shown)  # a moved to another member
+    assert shown == {b} and gauge(a) is None and gauge(b) == 7
+    assert publish_lag({}, shown) == set() and gauge(b) is None

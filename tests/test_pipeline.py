@@ -174,7 +174,7 @@ def test_garbage_on_the_features_topic_and_metrics_moving(kafka_bootstrap, prefi
         query_metrics = scrape(ports["query"])
         assert query_metrics["vmh_end_to_end_seconds_count"] > 0
         assert 0 < query_metrics["vmh_end_to_end_seconds_sum"] / query_metrics["vmh_end_to_end_seconds_count"] < 60
-        assert any(name.startswith("vmh_consumer_lag_records") for name in scrape(ports["encoder"]))
+        wait_for(lambda: any(name.startswith("vmh_consumer_lag_records") for name in scrape(ports["encoder"])))
         moments_before = scrape(ports["encoder"])["vmh_moments_total"]
         wait_for(lambda: scrape(ports["encoder"])["vmh_moments_total"] > moments_before)  # the stream goes on
     finally:

@@ -55,15 +55,14 @@ def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: N
     failed or a deadline passed (logged), e.g. rebuilding a partition's state could not read the log."""
     from kafka.errors import KafkaError
 
-    next_lag = 0.0
+    next_lag, shown = 0.0, set()
     try:
         while not stop.is_set():
             between_batches()
             processor.process_once(timeout_ms=200)
             metrics.HEARTBEAT.beat()
-            if time.monotonic() >= next_lag:
-                for tp, lag in processor.lag().items():
-                    metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(lag)
+            if time.monotonic() >= next_lag or processor.assignment() != shown:
+                shown = publish_lag(processor.lag(), shown)
                 next_lag = time.monotonic() + lag_every_s
     except (BusError, KafkaError) as e:
         log.error("giving up on the bus: %s; exiting with code %d (restart the worker: it resumes from its last "
@@ -72,6 +71,16 @@ def run_exactly_once(processor, stop: threading.Event, between_batches=lambda: N
     finally:
         processor.close()
     return 0
+
+
+def publish_lag(lags: dict, shown: set) -> set:
+    """Set the consumer lag gauge of each partition in ``lags`` and drop the gauges of partitions in ``shown`` that
+    have left; returns the partitions shown now. A partition whose lag is not known yet (no fetch) is not shown."""
+    for tp in shown - lags.keys():
+        metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+    for tp, lag in lags.items():
+        metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+    return set(lags)
 
 
 def poison_errors(errors_topic: str):
