@@ -60,6 +60,17 @@ def boolean(text: str | bool) -> bool:
     return _BOOLEANS[value]
 
 
+def one_of(*values: str) -> Callable[[str], str]:
+    """A setting that takes one of a few words."""
+    def word(text: str) -> str:
+        if text not in values:
+            raise ValueError(f"{text!r} is not one of {', '.join(values)}")
+        return text
+
+    word.__name__ = "one of " + "/".join(values)  # what argparse names in its error
+    return word
+
+
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -113,6 +124,9 @@ _DECLARED = [
             "things are (1: global pooling only)", int),
     Setting("motion-grid", 0, "cells a side of the optical-flow motion features appended to every frame's, so "
             "features say which way things move (0: none)", int),
+    Setting("motion-planes", "yuv", "planes of the frame the motion flow is taken on and averaged over: yuv (Y, U "
+            "and V: sees things of the background's brightness but another colour move) or y (luma only, the first "
+            "form)", one_of("y", "yuv")),
     Setting("open-timeout", 10.0, "seconds to wait for a video source to connect and send its headers", float),
     Setting("stall-timeout", 10.0, "seconds without video data or frames before a live source reconnects", float),
     Setting("max-lag", 2.0, "seconds a live stream's frames may fall behind their capture before the producer drops "
@@ -154,13 +168,26 @@ def resolve(name: str) -> Any:
     """The value of a setting outside of argparse: environment > config file > default."""
     setting = SETTINGS[name]
     if setting.env in os.environ:
-        return setting.type(os.environ[setting.env])
+        return _parse(setting, os.environ[setting.env], f"environment variable {setting.env}")
     config = _config_file()
     if setting.table is not None:
         config = config.get(setting.table, {})
     if setting.key in config:
-        return setting.type(config[setting.key])
+        key = f"{setting.table}.{setting.key}" if setting.table else setting.key
+        return _parse(setting, config[setting.key], f"{os.environ.get('VMH_CONFIG', 'vmh.toml')} key {key}")
     return setting.default
+
+
+class SettingError(ValueError):
+    """A setting's value from the environment or the config file that does not parse."""
+
+
+def _parse(setting: Setting, value: Any, where: str) -> Any:
+    """Only typed settings can fail here, and none of them is a secret: the value may be shown."""
+    try:
+        return setting.type(value)
+    except (TypeError, ValueError) as e:
+        raise SettingError(f"{where} = {value!r} is not a valid {setting.name}: {e}") from None
 
 
 def add_settings(parser: argparse.ArgumentParser, *names: str) -> None:

@@ -70,10 +70,37 @@ def test_a_streams_first_frame_and_a_gap_have_no_motion_and_streams_stay_apart()
     assert encoder.encode([]).shape == (0, 48)
 
 
-def test_motion_grid_must_divide_the_flow_frame() -> None:
+def test_colour_planes_see_a_shape_of_the_backgrounds_brightness_move() -> None:
+    """A purple square on a grey of its own luma, moving left: luma flow hardly sees it, Y, U and V flow does."""
+    purple = np.array([140, 50, 190], np.float32)
+    grey = round(float(purple @ np.array([0.299, 0.587, 0.114], np.float32)))
+    rgb = np.full((3 * RATE, 96, 96, 3), grey, np.uint8)
+    for i in range(len(rgb)):
+        left = 60 - 3 * i
+        rgb[i, 34:62, left:left + 28] = purple
+    frames = [SampledFrame("s", i // RATE, i / RATE, 0.0, image) for i, image in enumerate(rgb)]
+    luma, colour = (cells(MotionEncoder(4, RATE, planes).encode(frames), 4)[0].mean() for planes in ("y", "yuv"))
+    assert colour < 0 and abs(luma) < abs(colour) / 10
+    # a shape luma does see moves the same way in both, at a comparable speed
+    red_luma, red_colour = (cells(MotionEncoder(4, RATE, planes).encode(frames_of("left")), 4)[0].mean()
+                            for planes in ("y", "yuv"))
+    assert red_colour < 0 and red_luma < 0 and 0.5 < red_colour / red_luma < 1.5
+
+
+def test_motion_grid_must_divide_the_flow_frame_and_planes_be_known() -> None:
     for grid in (0, 3, 2.0):
         with pytest.raises(ValueError, match="motion grid"):
             MotionEncoder(grid, RATE)
+    with pytest.raises(ValueError, match="motion planes must be one of y, yuv, got 'rgb'"):
+        MotionEncoder(4, RATE, "rgb")
+
+
+def test_an_identity_recorded_before_motion_planes_means_luma_flow() -> None:
+    from pipeline.features import complete_identity
+
+    assert complete_identity({"motion_grid": 4})["motion_planes"] == "y"
+    assert complete_identity({"motion_grid": 4, "motion_planes": "yuv"})["motion_planes"] == "yuv"
+    assert "motion_planes" not in complete_identity({"backbone": "mobilenet_v2"})  # no motion, no planes
 
 
 def test_pooling_averages_the_motion_tail_and_normalises_only_appearance() -> None:
@@ -93,7 +120,7 @@ def test_the_frame_path_appends_motion_to_appearance() -> None:
     plain = FrameEncoder("mobilenet_v2", path, "cpu", frame_size=64, sample_rate=RATE)
     moving = FrameEncoder("mobilenet_v2", path, "cpu", frame_size=64, sample_rate=RATE, motion_grid=4)
     assert (moving.appearance_dim, moving.motion_dim, moving.dim) == (1280, 48, 1328)
-    assert moving.identity() == plain.identity() | {"motion_grid": 4, "dim": 1328}
+    assert moving.identity() == plain.identity() | {"motion_grid": 4, "motion_planes": "yuv", "dim": 1328}
     frames = frames_of("down", size=64)
     out = moving.encode_frames(frames)
     np.testing.assert_allclose(out[:, :1280], plain.encode_frames(frames), atol=1e-5)

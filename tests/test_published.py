@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.features import complete_identity
 from pipeline.model import load_checkpoint
 from pipeline.model.checkpoint import CONFIG, WEIGHTS, calibrated_threshold
 from pipeline.settings import resolve
@@ -20,7 +21,7 @@ from workers.cli import main as vmh
 # the demo's held-out split, which no training, epoch selection or calibration of the published model saw
 HELD_OUT = SynthConfig(seed=7, train=0, val=0, test=8)
 FLAGS = {"sample_rate": "--sample-rate", "frame_size": "--frame-size", "spatial_grid": "--spatial-grid",
-         "motion_grid": "--motion-grid"}
+         "motion_grid": "--motion-grid", "motion_planes": "--motion-planes"}
 
 
 def test_the_published_model_loads_as_a_checkpoint_with_its_own_threshold() -> None:
@@ -53,7 +54,7 @@ def test_the_published_model_alerts_on_held_out_videos(tmp_path: Path, capsys: p
     """Rendered, decoded and extracted here, so a change to the generator, the decoder or the frame CNN that the
     weights no longer fit shows up as lost alerts, not only as a different number."""
     path = published_checkpoint()
-    extractor = json.loads((path / CONFIG).read_text())["extractor"]
+    extractor = complete_identity(json.loads((path / CONFIG).read_text())["extractor"])
     build_dataset(tmp_path, HELD_OUT, progress=False)
     flags = [str(v) for key, flag in FLAGS.items() for v in (flag, extractor[key])]
     assert vmh(["extract", str(tmp_path / "videos"), "--out", str(tmp_path / "features"), "--no-progress",

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from pipeline import logs
-from pipeline.settings import add_settings
+from pipeline.settings import SettingError, add_settings
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except SettingError as e:  # a bad value in the environment or vmh.toml: named, not a traceback
+        print(f"vmh: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logs.configure(args.log_level)
     return int(args._run(args) or 0)
 

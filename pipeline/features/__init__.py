@@ -21,8 +21,14 @@ IDENTITY_DEFAULTS = {"spatial_grid": 1, "motion_grid": 0}
 
 
 def complete_identity(identity: dict) -> dict:
-    """An extractor identity as recorded at any time, with the keys added since filled in as they were then."""
-    return {**IDENTITY_DEFAULTS, **identity} if identity else dict(identity)
+    """An extractor identity as recorded at any time, with the keys added since filled in as they were then: motion
+    was luma flow before its planes were recorded."""
+    if not identity:
+        return dict(identity)
+    full = {**IDENTITY_DEFAULTS, **identity}
+    if full["motion_grid"]:
+        full.setdefault("motion_planes", "y")
+    return full
 
 
 def video_features(path: str | os.PathLike, encoder: FrameEncoder, batch_size: int = 64) -> np.ndarray:

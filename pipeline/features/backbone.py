@@ -122,6 +122,7 @@ class FrameEncoder:
         batch_size: int = 64,
         spatial_grid: int = 1,
         motion_grid: int = 0,
+        motion_planes: str = "yuv",
     ) -> None:
         if not weights_path and name != DEFAULT_BACKBONE:
             raise MissingWeights(f"backbone {name!r} needs a weights file (--backbone-weights); none installs offline")
@@ -148,15 +149,15 @@ class FrameEncoder:
         if not (isinstance(motion_grid, int) and motion_grid >= 0):
             raise BackboneError(f"motion grid must be a whole number of cells >= 0 a side, got {motion_grid!r}")
         self.motion_grid, self.motion_dim = motion_grid, motion_dim(motion_grid)
-        self.motion = MotionEncoder(motion_grid, sample_rate) if motion_grid else None
+        self.motion = MotionEncoder(motion_grid, sample_rate, motion_planes) if motion_grid else None
         self.dim = self.appearance_dim + self.motion_dim
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FrameEncoder:
-        """From the settings backbone, backbone-weights, device, frame-size, sample-rate, spatial-grid and
-        motion-grid."""
+        """From the settings backbone, backbone-weights, device, frame-size, sample-rate, spatial-grid,
+        motion-grid and motion-planes."""
         return cls(args.backbone, args.backbone_weights, args.device, args.frame_size, args.sample_rate,
-                   spatial_grid=args.spatial_grid, motion_grid=args.motion_grid)
+                   spatial_grid=args.spatial_grid, motion_grid=args.motion_grid, motion_planes=args.motion_planes)
 
     def encode_frames(self, frames: Sequence[SampledFrame]) -> np.ndarray:
         """Sampled frames of any streams, each stream in media-time order -> [N, dim]: what a features record
@@ -196,7 +197,9 @@ class FrameEncoder:
         return digest.hexdigest()
 
     def identity(self) -> dict[str, Any]:
-        """What a checkpoint records, so features from a different frame path are refused instead of misread."""
+        """What a checkpoint records, so features from a different frame path are refused instead of misread; the
+        motion planes only where there is motion."""
+        motion = {"motion_planes": self.motion.planes} if self.motion is not None else {}
         return {
             "backbone": self.name,
             "weights": os.path.basename(self.weights_path),
@@ -205,6 +208,7 @@ class FrameEncoder:
             "sample_rate": self.sample_rate,
             "spatial_grid": self.spatial_grid,
             "motion_grid": self.motion_grid,
+            **motion,
             "dim": self.dim,
         }
 
