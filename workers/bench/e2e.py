@@ -2,7 +2,8 @@
 
 Ours: N copies of the looped 720p clip paced in real time (`vmh producer --realtime --loop`), spread over producer
 processes as a deployment spreads them (one per core by default), through a real broker, the encoder and the query
-worker, with one standing query that matches every moment; latency is match publish time minus the capture time of
+worker, with one standing query that matches every moment; the frame path is the published model's (MobileNetV2 at
+160 px with a 2 x 2 grid, 2 fps, Y, U and V optical flow), the lite model's weights random; latency is match publish time minus the capture time of
 the moment's last second, over the events of the steady part of each run. N doubles until a run misses the bound,
 then bisects: no ceiling. A run is within capacity when p99 is under the bound, every stream had events and the
 producers dropped nothing (they shed load rather than fall behind, so past capacity latency stays bounded and the
@@ -57,6 +58,12 @@ class Params:
                                                         "per core (fewer when there are fewer streams)"})
     sample_rate: float = field(default=2.0, metadata={"help": "frames sampled per second of each stream"})
     frame_size: int = field(default=160, metadata={"help": "CNN input size"})
+    spatial_grid: int = field(default=2, metadata={"help": "cells a side of the CNN feature map also pooled (the "
+                                                            "published model's 2)"})
+    motion_grid: int = field(default=4, metadata={"help": "cells a side of the optical-flow features (the published "
+                                                           "model's 4; 0: none)"})
+    motion_planes: str = field(default="yuv", metadata={"help": "planes the flow is taken on (the published "
+                                                                 "model's yuv, or y)"})
     soak: float = field(default=0.0, metadata={"help": "then run an overload soak this many seconds (0: none)"})
     soak_streams: int = field(default=0, metadata={"help": "streams of the soak, skipping the search; 0: twice the "
                                                            "capacity found"})
@@ -91,7 +98,9 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _lite_checkpoint(path: Path, params: Params) -> Path:
-    """A lite CMHN with seeded random weights: the timing does not depend on training."""
+    """A lite CMHN with seeded random weights over the published model's frame extractor (by default): the timing
+    does not depend on training, and random codes keep the match-everything query's events coming (a trained
+    model's codes of one steady scene merge into one endless hit cluster)."""
     import torch
 
     from pipeline.features.backbone import FrameEncoder
@@ -99,8 +108,11 @@ def _lite_checkpoint(path: Path, params: Params) -> Path:
     from pipeline.model import build_cmhn, save_checkpoint
 
     torch.manual_seed(0)
-    extractor = FrameEncoder(frame_size=params.frame_size, sample_rate=params.sample_rate, device="cpu").identity()
-    return save_checkpoint(path, build_cmhn("lite"), extractor, MODEL_NAME)
+    frames = FrameEncoder(frame_size=params.frame_size, sample_rate=params.sample_rate, device="cpu",
+                          spatial_grid=params.spatial_grid, motion_grid=params.motion_grid,
+                          motion_planes=params.motion_planes)
+    model = build_cmhn("lite", video_dim=frames.dim, motion_dim=frames.motion_dim)
+    return save_checkpoint(path, model, frames.identity(), MODEL_NAME)
 
 
 def _cpu(pid: int) -> tuple[float, dict[str, float]]:
