@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.features import MOTION_PLANES
 from pipeline.weights import checkpoint_location
 
 
@@ -126,7 +127,7 @@ _DECLARED = [
             "features say which way things move (0: none)", int),
     Setting("motion-planes", "yuv", "planes of the frame the motion flow is taken on and averaged over: yuv (Y, U "
             "and V: sees things of the background's brightness but another colour move) or y (luma only, the first "
-            "form)", one_of("y", "yuv")),
+            "form)", one_of(*MOTION_PLANES)),
     Setting("open-timeout", 10.0, "seconds to wait for a video source to connect and send its headers", float),
     Setting("stall-timeout", 10.0, "seconds without video data or frames before a live source reconnects", float),
     Setting("max-lag", 2.0, "seconds a live stream's frames may fall behind their capture before the producer drops "
@@ -150,8 +151,12 @@ _DECLARED = [
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
 
+def _config_name() -> str:
+    return os.environ.get("VMH_CONFIG", "vmh.toml")
+
+
 def _config_file() -> dict[str, Any]:
-    path = Path(os.environ.get("VMH_CONFIG", "vmh.toml")).resolve()
+    path = Path(_config_name()).resolve()
     if not path.is_file():
         return {}
     return _read_toml(path, path.stat().st_mtime_ns)
@@ -174,7 +179,7 @@ def resolve(name: str) -> Any:
         config = config.get(setting.table, {})
     if setting.key in config:
         key = f"{setting.table}.{setting.key}" if setting.table else setting.key
-        return _parse(setting, config[setting.key], f"{os.environ.get('VMH_CONFIG', 'vmh.toml')} key {key}")
+        return _parse(setting, config[setting.key], f"{_config_name()} key {key}")
     return setting.default
 
 

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 def use_checkpoint_extractor(args: argparse.Namespace) -> dict | None:
     """With ``--checkpoint``, take backbone, frame size, sample rate, spatial and motion grids and motion planes from the
     extractor the model was trained on (the checkpoint's config records its identity), and return that identity; None without a checkpoint."""
-    from pipeline.features import complete_identity
+    from pipeline.features import MOTION_PLANES, complete_identity
     from pipeline.model.checkpoint import CONFIG
 
     if not args.checkpoint:
@@ -133,7 +133,7 @@ def use_checkpoint_extractor(args: argparse.Namespace) -> dict | None:
         args.backbone, args.frame_size, args.sample_rate = (identity["backbone"], int(identity["frame_size"]),
                                                             float(identity["sample_rate"]))
         args.spatial_grid, args.motion_grid = int(identity["spatial_grid"]), int(identity["motion_grid"])
-        args.motion_planes = identity.get("motion_planes", "y")  # recorded where there is motion, unused elsewhere
+        args.motion_planes = identity.get("motion_planes", MOTION_PLANES[0])  # recorded where there is motion
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"vmh producer: cannot read the frame extractor of checkpoint {args.checkpoint}: {e!r}")
     return identity

@@ -105,9 +105,8 @@ def start_system(args: argparse.Namespace, checkpoint: Path) -> tuple[System, st
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.bus.broker import stop_broker
-    from workers.ui import address
-
     from pipeline.weights import published_checkpoint
+    from workers.ui import address
 
     try:
         checkpoint = Path(args.checkpoint) if args.checkpoint else published_checkpoint()

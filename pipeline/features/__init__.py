@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 # extractor identity keys added after checkpoints and feature directories were first written, with the value every
 # extractor had before them, so an identity recorded then still names the same frame path
 IDENTITY_DEFAULTS = {"spatial_grid": 1, "motion_grid": 0}
+# what the motion flow is taken on (pipeline.features.motion): luma (the first form, what an identity recorded before
+# the planes means), or Y, U and V averaged; here, apart from the torch code, so that the settings can name them
+MOTION_PLANES = ("y", "yuv")
 
 
 def complete_identity(identity: dict) -> dict:
@@ -27,7 +30,7 @@ def complete_identity(identity: dict) -> dict:
         return dict(identity)
     full = {**IDENTITY_DEFAULTS, **identity}
     if full["motion_grid"]:
-        full.setdefault("motion_planes", "y")
+        full.setdefault("motion_planes", MOTION_PLANES[0])
     return full
 
 

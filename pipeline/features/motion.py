@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from pipeline.features import MOTION_PLANES
+
 if TYPE_CHECKING:
     from pipeline.video.source import SampledFrame
 
@@ -32,7 +34,6 @@ FLOW_SIDE = 64  # frames are scaled to this square before the flow: motion is co
 _PLANES = {"y": ((0.299, 0.587, 0.114), 0.0),
            "u": ((-0.169, -0.331, 0.5), 128.0),
            "v": ((0.5, -0.419, -0.081), 128.0)}
-PLANES = ("y", "yuv")  # what the flow is taken on: luma (the first form), or Y, U and V averaged
 # Farneback parameters: 3 pyramid levels of scale 0.5 follow a displacement of a quarter of the small frame
 _FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=9, iterations=3, poly_n=5, poly_sigma=1.1, flags=0)
 
@@ -49,8 +50,8 @@ class MotionEncoder:
     def __init__(self, grid: int, sample_rate: float, planes: str = "yuv") -> None:
         if not (isinstance(grid, int) and grid >= 1) or FLOW_SIDE % grid:
             raise ValueError(f"the motion grid must be a whole number of cells dividing {FLOW_SIDE}, got {grid!r}")
-        if planes not in PLANES:
-            raise ValueError(f"motion planes must be one of {', '.join(PLANES)}, got {planes!r}")
+        if planes not in MOTION_PLANES:
+            raise ValueError(f"motion planes must be one of {', '.join(MOTION_PLANES)}, got {planes!r}")
         self.grid, self.sample_rate, self.planes = grid, float(sample_rate), planes
         self.dim = motion_dim(grid)
         self._previous: dict[str, np.ndarray] = {}  # each stream's last small frame [planes, side, side]

@@ -3,8 +3,8 @@
 Ours: N copies of the looped 720p clip paced in real time (`vmh producer --realtime --loop`), spread over producer
 processes as a deployment spreads them (one per core by default), through a real broker, the encoder and the query
 worker, with one standing query that matches every moment; the frame path is the published model's (MobileNetV2 at
-160 px with a 2 x 2 grid, 2 fps, Y, U and V optical flow), the lite model's weights random; latency is match publish time minus the capture time of
-the moment's last second, over the events of the steady part of each run. N doubles until a run misses the bound,
+160 px with a 2 x 2 grid, 2 fps, Y, U and V optical flow), the lite model's weights random; latency is match
+publish time minus the capture time of the moment's last second, over the events of the steady part of each run. N doubles until a run misses the bound,
 then bisects: no ceiling. A run is within capacity when p99 is under the bound, every stream had events and the
 producers dropped nothing (they shed load rather than fall behind, so past capacity latency stays bounded and the
 dropped seconds say what it cost). The hit merger runs with settle 0, so an event leaves one second after its
