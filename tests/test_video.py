@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from pipeline.settings import add_settings
+from pipeline.video import source
 from pipeline.video.multi import MultiSource, StreamEnded, StreamError
 from pipeline.video.source import (
     CorruptSource,
@@ -28,6 +29,7 @@ from pipeline.video.source import (
     SourceUnavailable,
     VideoSource,
     _Timeline,
+    h264_disposable,
     resolve_target,
 )
 
@@ -262,11 +264,14 @@ def test_timeline_needs_only_the_first_presented_packet_of_each_slot() -> None:
     assert [timeline.needed(t) for t in (0.8, 0.6, 0.7)] == [True, True, False]
 
 
-def test_bframes_skipped_give_the_sampled_frames_of_a_full_decode(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".mp4", ".ts"])  # NAL units behind a length prefix (avcC), after start codes
+def test_bframes_skipped_give_the_sampled_frames_of_a_full_decode(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Frames of a non-reference B-frame file sampled with skipping equal the same frames of a full decode."""
     from workers.bench.decode import reference
 
-    path = tmp_path / "bframes.mp4"
+    path = tmp_path / f"bframes{suffix}"
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=25, options={"preset": "ultrafast", "bf": "3", "b-pyramid": "none"})
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
@@ -277,10 +282,34 @@ def test_bframes_skipped_give_the_sampled_frames_of_a_full_decode(tmp_path: Path
     with av.open(str(path)) as container:
         types = Counter(int(frame.pict_type) for frame in container.decode(video=0))
     assert types[int(av.video.frame.PictureType.B)] > 30  # the file does hold B-frames to skip
+    dropped = []  # for each packet no slot needs: whether it was kept from the decoder altogether
+
+    def disposable(data: bytes, length_size: int) -> bool:
+        dropped.append(h264_disposable(data, length_size))
+        return dropped[-1]
+
+    monkeypatch.setattr(source, "h264_disposable", disposable)
     ours = list(VideoSource(str(path), options=SourceOptions(sample_rate=3, frame_size=32)))
+    assert sum(dropped) > 30
     theirs = reference(str(path), 3, 32)
     assert [f.media_time for f in ours] == pytest.approx([t for t, _ in theirs], abs=1e-6) and len(ours) == 12
     assert all(np.array_equal(f.rgb, rgb) for f, (_, rgb) in zip(ours, theirs))
+
+
+def test_h264_disposable_is_a_non_reference_picture_and_nothing_else() -> None:
+    def avcc(*units: bytes) -> bytes:
+        return b"".join(len(unit).to_bytes(4, "big") + unit for unit in units)
+
+    def annex_b(*units: bytes) -> bytes:
+        return b"".join(b"\x00\x00\x00\x01" + unit for unit in units)
+
+    aud, b_slice, p_slice, idr, sei = b"\x09\xf0", b"\x01\x9e\x00", b"\x41\x9a\x00", b"\x65\x88\x00", b"\x06\x05\x00"
+    for pack, size in ((avcc, 4), (annex_b, 0)):
+        assert h264_disposable(pack(b_slice), size) and h264_disposable(pack(aud, b_slice, b_slice), size)
+        assert not h264_disposable(pack(p_slice), size) and not h264_disposable(pack(idr), size)
+        assert not h264_disposable(pack(sei, b_slice), size)  # SEI may persist past its picture
+        assert not h264_disposable(pack(aud), size) and not h264_disposable(b"", size)  # no picture at all
+    assert not h264_disposable(avcc(b_slice)[:-1], 4)  # a length past the end: left to the decoder
 
 
 def test_live_source_gives_up_after_reconnect_attempts(clip: Path) -> None:
