@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.features import MOTION_PLANES
+from pipeline.features import MOTION_EXPANSIONS, MOTION_PLANES
 from pipeline.weights import checkpoint_location
 
 
@@ -128,6 +128,9 @@ _DECLARED = [
     Setting("motion-planes", "yuv", "planes of the frame the motion flow is taken on and averaged over: yuv (Y, U "
             "and V: sees things of the background's brightness but another colour move) or y (luma only, the first "
             "form)", one_of(*MOTION_PLANES)),
+    Setting("motion-expansion", "affine", "how a motion cell measures growing and shrinking: affine (the expansion "
+            "rate of an affine fit of its moving pixels) or divergence (its mean flow divergence, the first form, "
+            "blind to a shape growing inside the cell)", one_of(*MOTION_EXPANSIONS)),
     Setting("open-timeout", 10.0, "seconds to wait for a video source to connect and send its headers", float),
     Setting("stall-timeout", 10.0, "seconds without video data or frames before a live source reconnects", float),
     Setting("max-lag", 2.0, "seconds a live stream's frames may fall behind their capture before the producer drops "

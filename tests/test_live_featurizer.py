@@ -62,6 +62,14 @@ def test_the_checkpoint_decides_the_extractor(tmp_path):
     assert (args.backbone, args.frame_size, args.sample_rate) == ("mobilenet_v2", 4, 2.0)
     assert differences(identity, {**identity, "pooling": "max"}) == "pooling: checkpoint None, here 'max'"
     assert use_checkpoint_extractor(argparse.Namespace(checkpoint="")) is None
+    # the motion a checkpoint was trained on is taken too; one recorded before planes and expansion were means
+    # luma flow and divergence
+    for recorded, adopted in (({"motion_planes": "yuv", "motion_expansion": "affine"}, ("yuv", "affine")),
+                              ({}, ("y", "divergence"))):
+        (tmp_path / "config.json").write_text(json.dumps({"extractor": {**IDENTITY, "motion_grid": 4, **recorded}}))
+        args = argparse.Namespace(checkpoint=str(tmp_path), motion_planes="yuv", motion_expansion="affine")
+        use_checkpoint_extractor(args)
+        assert (args.motion_grid, args.motion_planes, args.motion_expansion) == (4, *adopted)
     with pytest.raises(SystemExit, match="cannot read the frame extractor"):
         use_checkpoint_extractor(argparse.Namespace(checkpoint=str(tmp_path / "missing")))
 

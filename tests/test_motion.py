@@ -17,19 +17,21 @@ from pipeline.video.synth import Event, render_frames
 RATE = 4
 
 
-def frames_of(action: str, stream: str = "s", seconds: int = 3, size: int = 96) -> list[SampledFrame]:
-    """A red square doing ``action`` across the whole clip, sampled at RATE."""
+def frames_of(action: str, stream: str = "s", seconds: int = 3, size: int = 96,
+              centre: tuple[float, float] = (0.5, 0.5)) -> list[SampledFrame]:
+    """A red square doing ``action`` across the whole clip, sampled at RATE (growing and shrinking about
+    ``centre``)."""
     geometry = {
         "left": ((0.7, 0.5), (0.3, 0.5), 0.3, 0.3), "right": ((0.3, 0.5), (0.7, 0.5), 0.3, 0.3),
         "up": ((0.5, 0.7), (0.5, 0.3), 0.3, 0.3), "down": ((0.5, 0.3), (0.5, 0.7), 0.3, 0.3),
-        "grow": ((0.5, 0.5), (0.5, 0.5), 0.15, 0.4), "shrink": ((0.5, 0.5), (0.5, 0.5), 0.4, 0.15),
+        "grow": (centre, centre, 0.15, 0.4), "shrink": (centre, centre, 0.4, 0.15),
     }[action]
     rgb = render_frames([Event("square", "red", action, 0, seconds, *geometry)], seconds, RATE, size, seed=1)
     return [SampledFrame(stream, i // RATE, i / RATE, 0.0, image) for i, image in enumerate(rgb)]
 
 
 def cells(features: np.ndarray, grid: int) -> np.ndarray:
-    """[N, 3 g^2] -> the clip's mean [3, g, g]: x flow, y flow, divergence."""
+    """[N, 3 g^2] -> the clip's mean [3, g, g]: x flow, y flow, expansion."""
     return features[1:].mean(0).reshape(3, grid, grid)
 
 
@@ -45,11 +47,28 @@ def test_flow_points_the_way_the_shape_moves(action: str, sign: tuple[int, int])
     assert 0.005 < abs(flow[along]) < 0.4 / 3
 
 
-def test_divergence_tells_growing_from_shrinking() -> None:
-    grow, shrink = (cells(MotionEncoder(4, RATE).encode(frames_of(a)), 4)[2] for a in ("grow", "shrink"))
+@pytest.mark.parametrize("expansion", ["affine", "divergence"])
+def test_expansion_tells_growing_from_shrinking_where_cell_borders_cross_the_shape(expansion: str) -> None:
+    grow, shrink = (cells(MotionEncoder(4, RATE, expansion=expansion).encode(frames_of(a)), 4)[2]
+                    for a in ("grow", "shrink"))
     centre = np.s_[1:3, 1:3]  # the shape sits on the four middle cells
     assert grow[centre].mean() > 0 > shrink[centre].mean()
-    assert abs(cells(MotionEncoder(4, RATE).encode(frames_of("left")), 4)[2][centre].mean()) < grow[centre].mean()
+    left = cells(MotionEncoder(4, RATE, expansion=expansion).encode(frames_of("left")), 4)[2]
+    assert abs(left[centre].mean()) < grow[centre].mean()
+
+
+def test_affine_expansion_sees_a_shape_grow_inside_one_cell_where_divergence_is_blind() -> None:
+    """The mean divergence of a cell is the flux through its border: a shape growing within one cell of a 2 x 2
+    grid reads a fraction of it there; the affine fit of the moving pixels reads the growth itself."""
+    def expansion(action: str, kind: str) -> float:
+        frames = frames_of(action, seconds=4, centre=(0.25, 0.25))  # the middle of the top-left cell
+        return float(cells(MotionEncoder(2, RATE, expansion=kind).encode(frames), 2)[2, 0, 0])
+
+    grow, shrink = expansion("grow", "affine"), expansion("shrink", "affine")
+    assert grow > 0.05 and shrink < -0.05  # the size goes 0.15 <-> 0.4 of the frame in 4 s
+    assert max(abs(expansion("grow", "divergence")), abs(expansion("shrink", "divergence"))) < 0.4 * min(grow, -shrink)
+    still = MotionEncoder(2, RATE).encode([frames_of("grow")[0]] * 3)
+    np.testing.assert_allclose(still, 0.0, atol=1e-6)  # nothing moves, nothing expands
 
 
 def test_a_streams_first_frame_and_a_gap_have_no_motion_and_streams_stay_apart() -> None:
@@ -87,20 +106,28 @@ def test_colour_planes_see_a_shape_of_the_backgrounds_brightness_move() -> None:
     assert red_colour < 0 and red_luma < 0 and 0.5 < red_colour / red_luma < 1.5
 
 
-def test_motion_grid_must_divide_the_flow_frame_and_planes_be_known() -> None:
+def test_motion_grid_must_divide_the_flow_frame_and_planes_and_expansion_be_known() -> None:
     for grid in (0, 3, 2.0):
         with pytest.raises(ValueError, match="motion grid"):
             MotionEncoder(grid, RATE)
     with pytest.raises(ValueError, match="motion planes must be one of y, yuv, got 'rgb'"):
         MotionEncoder(4, RATE, "rgb")
+    with pytest.raises(ValueError, match="motion expansion must be one of divergence, affine, got 'curl'"):
+        MotionEncoder(4, RATE, expansion="curl")
+    with pytest.raises(ValueError, match="must divide 32, got 64"):
+        MotionEncoder(64, RATE)
+    assert MotionEncoder(64, RATE, expansion="divergence").dim == 3 * 64 * 64
 
 
-def test_an_identity_recorded_before_motion_planes_means_luma_flow() -> None:
+def test_an_identity_recorded_before_motion_planes_and_expansion_means_luma_flow_and_divergence() -> None:
     from pipeline.features import complete_identity
 
     assert complete_identity({"motion_grid": 4})["motion_planes"] == "y"
-    assert complete_identity({"motion_grid": 4, "motion_planes": "yuv"})["motion_planes"] == "yuv"
-    assert "motion_planes" not in complete_identity({"backbone": "mobilenet_v2"})  # no motion, no planes
+    assert complete_identity({"motion_grid": 4})["motion_expansion"] == "divergence"
+    recorded = {"motion_grid": 4, "motion_planes": "yuv", "motion_expansion": "affine"}
+    assert complete_identity(recorded) | recorded == complete_identity(recorded)
+    assert complete_identity({"motion_grid": 4, "motion_planes": "yuv"})["motion_expansion"] == "divergence"
+    assert not {"motion_planes", "motion_expansion"} & set(complete_identity({"backbone": "mobilenet_v2"}))
 
 
 def test_pooling_averages_the_motion_tail_and_normalises_only_appearance() -> None:
@@ -120,7 +147,8 @@ def test_the_frame_path_appends_motion_to_appearance() -> None:
     plain = FrameEncoder("mobilenet_v2", path, "cpu", frame_size=64, sample_rate=RATE)
     moving = FrameEncoder("mobilenet_v2", path, "cpu", frame_size=64, sample_rate=RATE, motion_grid=4)
     assert (moving.appearance_dim, moving.motion_dim, moving.dim) == (1280, 48, 1328)
-    assert moving.identity() == plain.identity() | {"motion_grid": 4, "motion_planes": "yuv", "dim": 1328}
+    assert moving.identity() == plain.identity() | {"motion_grid": 4, "motion_planes": "yuv",
+                                                    "motion_expansion": "affine", "dim": 1328}
     frames = frames_of("down", size=64)
     out = moving.encode_frames(frames)
     np.testing.assert_allclose(out[:, :1280], plain.encode_frames(frames), atol=1e-5)

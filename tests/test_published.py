@@ -21,7 +21,7 @@ from workers.cli import main as vmh
 # the demo's held-out split, which no training, epoch selection or calibration of the published model saw
 HELD_OUT = SynthConfig(seed=7, train=0, val=0, test=8)
 FLAGS = {"sample_rate": "--sample-rate", "frame_size": "--frame-size", "spatial_grid": "--spatial-grid",
-         "motion_grid": "--motion-grid", "motion_planes": "--motion-planes"}
+         "motion_grid": "--motion-grid", "motion_planes": "--motion-planes", "motion_expansion": "--motion-expansion"}
 
 
 def test_the_published_model_loads_as_a_checkpoint_with_its_own_threshold() -> None:

@@ -24,15 +24,15 @@ from pipeline.settings import add_settings
 
 # the demo's recipe, the published model's too (on 3,000 videos): cheaper than the defaults so that --train trains
 # in minutes on two cores
-SAMPLE_RATE, FRAME_SIZE, GRID, MOTION, PLANES = 2.0, 160, 2, 4, "yuv"
+SAMPLE_RATE, FRAME_SIZE, GRID, MOTION, PLANES, EXPANSION = 2.0, 160, 2, 4, "yuv", "affine"
 SEED = ["--seed", "7"]  # generator version 2; each video is drawn from (seed, split, index), whatever the counts
 DATASET = [*SEED, "--train", "240"]  # more videos than the default, fewer epochs
 HELD_OUT = [*SEED, "--train", "0", "--val", "0"]  # the same test split alone: all the published model needs
 TRAINING = ["--preset", "lite", "--epochs", "20"]  # the training recipe for alerts (TrainOptions' defaults)
 STREAMS = 6  # held-out videos streamed at once: the first of the test split, not picked
 ABSENT = 4  # standing queries whose event happens in none of the streams
-RECIPE = {"dataset": DATASET, "extractor": [SAMPLE_RATE, FRAME_SIZE, GRID, MOTION, PLANES], "training": TRAINING,
-          "version": 4}
+RECIPE = {"dataset": DATASET, "extractor": [SAMPLE_RATE, FRAME_SIZE, GRID, MOTION, PLANES, EXPANSION],
+          "training": TRAINING, "version": 5}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +56,9 @@ def prepare(cache: Path, train: bool = False, retrain: bool = False) -> tuple[Pa
         _step("rendering the held-out videos", cli.main(["synth", "--out", str(data), *HELD_OUT]))
         return data, published_checkpoint()
     data, model = cache / "synth-v2", cache / "model"
-    features = cache / f"features-{FRAME_SIZE}px-{SAMPLE_RATE:g}fps-grid{GRID}-motion{MOTION}-{PLANES}"
+    features = cache / f"features-{FRAME_SIZE}px-{SAMPLE_RATE:g}fps-grid{GRID}-motion{MOTION}-{PLANES}-{EXPANSION}"
     extractor = ["--sample-rate", str(SAMPLE_RATE), "--frame-size", str(FRAME_SIZE), "--spatial-grid", str(GRID),
-                 "--motion-grid", str(MOTION), "--motion-planes", PLANES]
+                 "--motion-grid", str(MOTION), "--motion-planes", PLANES, "--motion-expansion", EXPANSION]
     _step("rendering the synthetic dataset", cli.main(["synth", "--out", str(data), *DATASET]))
     _step("extracting features", cli.main(["extract", str(data / "videos"), "--out", str(features), *extractor]))
     marker = cache / "trained.json"  # the recipe of the cached model, and whether its training ran every epoch

@@ -11,7 +11,7 @@ from pipeline.settings import add_settings
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("videos_dir", help="folder of video files; each file's stem is its video id")
     parser.add_argument("--out", required=True, help="features directory (<video_id>.npy and manifest.json)")
-    add_settings(parser, "backbone", "backbone-weights", "frame-size", "sample-rate", "spatial-grid", "motion-grid", "motion-planes",
+    add_settings(parser, "backbone", "backbone-weights", "frame-size", "sample-rate", "spatial-grid", "motion-grid", "motion-planes", "motion-expansion",
                  "device", "torch-threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

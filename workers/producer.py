@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realtime", action="store_true", help="pace files as if they were live")
     parser.add_argument("--loop", action="store_true", help="repeat files forever")
     parser.add_argument("--batch-frames", type=int, default=64, help="most frames per CNN batch, across streams")
-    add_settings(parser, "checkpoint", "sample-rate", "frame-size", "spatial-grid", "motion-grid", "motion-planes", "backbone", "backbone-weights", "device",
+    add_settings(parser, "checkpoint", "sample-rate", "frame-size", "spatial-grid", "motion-grid", "motion-planes", "motion-expansion", "backbone", "backbone-weights", "device",
                  "torch-threads", "open-timeout", "stall-timeout", "max-lag", "bootstrap-servers", "topic-prefix", "metrics-port",
                  "metrics-address", "health-deadline", "bus-timeout", "keyframes", "keyframe-size")
 
@@ -121,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def use_checkpoint_extractor(args: argparse.Namespace) -> dict | None:
-    """With ``--checkpoint``, take backbone, frame size, sample rate, spatial and motion grids and motion planes from the
+    """With ``--checkpoint``, take backbone, frame size, sample rate, spatial and motion grids, motion planes and expansion from the
     extractor the model was trained on (the checkpoint's config records its identity), and return that identity; None without a checkpoint."""
-    from pipeline.features import MOTION_PLANES, complete_identity
+    from pipeline.features import MOTION_EXPANSIONS, MOTION_PLANES, complete_identity
     from pipeline.model.checkpoint import CONFIG
 
     if not args.checkpoint:
@@ -134,6 +134,7 @@ def use_checkpoint_extractor(args: argparse.Namespace) -> dict | None:
                                                             float(identity["sample_rate"]))
         args.spatial_grid, args.motion_grid = int(identity["spatial_grid"]), int(identity["motion_grid"])
         args.motion_planes = identity.get("motion_planes", MOTION_PLANES[0])  # recorded where there is motion
+        args.motion_expansion = identity.get("motion_expansion", MOTION_EXPANSIONS[0])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"vmh producer: cannot read the frame extractor of checkpoint {args.checkpoint}: {e!r}")
     return identity

@@ -21,16 +21,20 @@ IDENTITY_DEFAULTS = {"spatial_grid": 1, "motion_grid": 0}
 # what the motion flow is taken on (pipeline.features.motion): luma (the first form, what an identity recorded before
 # the planes means), or Y, U and V averaged; here, apart from the torch code, so that the settings can name them
 MOTION_PLANES = ("y", "yuv")
+# how a motion cell says growing or shrinking (pipeline.features.motion): the mean divergence of its flow (the first
+# form, what an identity recorded before the key means), or the expansion rate of an affine fit of its moving pixels
+MOTION_EXPANSIONS = ("divergence", "affine")
 
 
 def complete_identity(identity: dict) -> dict:
     """An extractor identity as recorded at any time, with the keys added since filled in as they were then: motion
-    was luma flow before its planes were recorded."""
+    was luma flow before its planes were recorded, and its cells' divergence before their expansion was."""
     if not identity:
         return dict(identity)
     full = {**IDENTITY_DEFAULTS, **identity}
     if full["motion_grid"]:
         full.setdefault("motion_planes", MOTION_PLANES[0])
+        full.setdefault("motion_expansion", MOTION_EXPANSIONS[0])
     return full
 
 

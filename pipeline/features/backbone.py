@@ -123,6 +123,7 @@ class FrameEncoder:
         spatial_grid: int = 1,
         motion_grid: int = 0,
         motion_planes: str = "yuv",
+        motion_expansion: str = "affine",
     ) -> None:
         if not weights_path and name != DEFAULT_BACKBONE:
             raise MissingWeights(f"backbone {name!r} needs a weights file (--backbone-weights); none installs offline")
@@ -149,15 +150,16 @@ class FrameEncoder:
         if not (isinstance(motion_grid, int) and motion_grid >= 0):
             raise BackboneError(f"motion grid must be a whole number of cells >= 0 a side, got {motion_grid!r}")
         self.motion_grid, self.motion_dim = motion_grid, motion_dim(motion_grid)
-        self.motion = MotionEncoder(motion_grid, sample_rate, motion_planes) if motion_grid else None
+        self.motion = MotionEncoder(motion_grid, sample_rate, motion_planes, motion_expansion) if motion_grid else None
         self.dim = self.appearance_dim + self.motion_dim
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FrameEncoder:
         """From the settings backbone, backbone-weights, device, frame-size, sample-rate, spatial-grid,
-        motion-grid and motion-planes."""
+        motion-grid, motion-planes and motion-expansion."""
         return cls(args.backbone, args.backbone_weights, args.device, args.frame_size, args.sample_rate,
-                   spatial_grid=args.spatial_grid, motion_grid=args.motion_grid, motion_planes=args.motion_planes)
+                   spatial_grid=args.spatial_grid, motion_grid=args.motion_grid, motion_planes=args.motion_planes,
+                   motion_expansion=args.motion_expansion)
 
     def encode_frames(self, frames: Sequence[SampledFrame]) -> np.ndarray:
         """Sampled frames of any streams, each stream in media-time order -> [N, dim]: what a features record
@@ -198,8 +200,9 @@ class FrameEncoder:
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint records, so features from a different frame path are refused instead of misread; the
-        motion planes only where there is motion."""
-        motion = {"motion_planes": self.motion.planes} if self.motion is not None else {}
+        motion planes and expansion only where there is motion."""
+        motion = ({"motion_planes": self.motion.planes, "motion_expansion": self.motion.expansion}
+                  if self.motion is not None else {})
         return {
             "backbone": self.name,
             "weights": os.path.basename(self.weights_path),

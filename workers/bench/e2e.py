@@ -64,6 +64,8 @@ class Params:
                                                            "model's 4; 0: none)"})
     motion_planes: str = field(default="yuv", metadata={"help": "planes the flow is taken on (the published "
                                                                  "model's yuv, or y)"})
+    motion_expansion: str = field(default="affine", metadata={"help": "how a motion cell measures growing (the "
+                                                                       "published model's affine, or divergence)"})
     soak: float = field(default=0.0, metadata={"help": "then run an overload soak this many seconds (0: none)"})
     soak_streams: int = field(default=0, metadata={"help": "streams of the soak, skipping the search; 0: twice the "
                                                            "capacity found"})
@@ -110,7 +112,7 @@ def _lite_checkpoint(path: Path, params: Params) -> Path:
     torch.manual_seed(0)
     frames = FrameEncoder(frame_size=params.frame_size, sample_rate=params.sample_rate, device="cpu",
                           spatial_grid=params.spatial_grid, motion_grid=params.motion_grid,
-                          motion_planes=params.motion_planes)
+                          motion_planes=params.motion_planes, motion_expansion=params.motion_expansion)
     model = build_cmhn("lite", video_dim=frames.dim, motion_dim=frames.motion_dim)
     return save_checkpoint(path, model, frames.identity(), MODEL_NAME)
 
