@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.features import complete_identity
 from pipeline.model import load_checkpoint
-from pipeline.model.checkpoint import CONFIG, WEIGHTS, calibrated_threshold
+from pipeline.model.checkpoint import WEIGHTS, calibrated_threshold
 from pipeline.settings import resolve
-from pipeline.weights import LITE_SYNTH, published_checkpoint
+from pipeline.weights import LITE_SYNTH, published_checkpoint, published_extractor
 from pipeline.video.synth import SynthConfig, build_dataset
 from workers.cli import main as vmh
 
@@ -54,7 +53,7 @@ def test_the_published_model_alerts_on_held_out_videos(tmp_path: Path, capsys: p
     """Rendered, decoded and extracted here, so a change to the generator, the decoder or the frame CNN that the
     weights no longer fit shows up as lost alerts, not only as a different number."""
     path = published_checkpoint()
-    extractor = complete_identity(json.loads((path / CONFIG).read_text())["extractor"])
+    extractor = published_extractor()
     build_dataset(tmp_path, HELD_OUT, progress=False)
     flags = [str(v) for key, flag in FLAGS.items() for v in (flag, extractor[key])]
     assert vmh(["extract", str(tmp_path / "videos"), "--out", str(tmp_path / "features"), "--no-progress",

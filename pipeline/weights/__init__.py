@@ -10,6 +10,7 @@ torch, so the `checkpoint` setting can name one cheaply.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).parent
@@ -27,6 +28,14 @@ def published_checkpoint(name: str = LITE_SYNTH) -> Path:
         raise FileNotFoundError(f"no published checkpoint {name!r} in {ROOT} (there are: {names() or 'none'}); "
                                 "was the package installed without its data?")
     return path
+
+
+def published_extractor(name: str = LITE_SYNTH) -> dict:
+    """The frame extractor the published checkpoint ``name`` was trained on, as its config records it (completed
+    with the keys added since): the frame path that serves it."""
+    from pipeline.features import complete_identity
+
+    return complete_identity(json.loads((published_checkpoint(name) / "config.json").read_text())["extractor"])
 
 
 def checkpoint_location(text: str) -> str:

@@ -2,8 +2,9 @@
 
 Ours: N copies of the looped 720p clip paced in real time (`vmh producer --realtime --loop`), spread over producer
 processes as a deployment spreads them (one per core by default), through a real broker, the encoder and the query
-worker, with one standing query that matches every moment; the frame path is the published model's (MobileNetV2 at
-160 px with a 2 x 2 grid, 2 fps, Y, U and V optical flow), the lite model's weights random; latency is match
+worker, with one standing query that matches every moment; the frame path is the published model's (its
+extractor as its config records it: MobileNetV2 at 160 px with a 2 x 2 grid, 2 fps, Y, U and V optical flow), the
+lite model's weights random; latency is match
 publish time minus the capture time of the moment's last second, over the events of the steady part of each run. N doubles until a run misses the bound,
 then bisects: no ceiling. A run is within capacity when p99 is under the bound, every stream had events and the
 producers dropped nothing (they shed load rather than fall behind, so past capacity latency stays bounded and the
@@ -34,6 +35,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.weights import published_extractor
+
 NAME = "e2e"
 TITLE = "live 720p streams through broker and workers with p99 capture-to-match latency under the bound"
 REFERENCE = "decode-only capacity: real-time 720p streams a bare PyAV decode loop sustains on the same machine"
@@ -42,6 +45,8 @@ TARGET = 0.75  # of what decoding alone allows, with the CNN, encoder, matcher a
 REPEATS = 1
 WARMUP = 0
 STAGES = ("decode", "cnn", "kafka clients", "encoder", "matcher", "broker", "other")
+# the frame path users get: the published model's extractor, read from its config (the weights stay random)
+_PUBLISHED = published_extractor()
 
 
 @dataclass(frozen=True)
@@ -56,16 +61,17 @@ class Params:
                                                              "largest count within the bound found by then"})
     producers: int = field(default=0, metadata={"help": "producer processes the streams are spread over; 0: one "
                                                         "per core (fewer when there are fewer streams)"})
-    sample_rate: float = field(default=2.0, metadata={"help": "frames sampled per second of each stream"})
-    frame_size: int = field(default=160, metadata={"help": "CNN input size"})
-    spatial_grid: int = field(default=2, metadata={"help": "cells a side of the CNN feature map also pooled (the "
-                                                            "published model's 2)"})
-    motion_grid: int = field(default=4, metadata={"help": "cells a side of the optical-flow features (the published "
-                                                           "model's 4; 0: none)"})
-    motion_planes: str = field(default="yuv", metadata={"help": "planes the flow is taken on (the published "
-                                                                 "model's yuv, or y)"})
-    motion_expansion: str = field(default="affine", metadata={"help": "how a motion cell measures growing (the "
-                                                                       "published model's affine, or divergence)"})
+    sample_rate: float = field(default=_PUBLISHED["sample_rate"], metadata={"help": "frames sampled per second of "
+                                                                                  "each stream (the published model's)"})
+    frame_size: int = field(default=_PUBLISHED["frame_size"], metadata={"help": "CNN input size"})
+    spatial_grid: int = field(default=_PUBLISHED["spatial_grid"], metadata={"help": "cells a side of the CNN feature "
+                                                                                 "map also pooled"})
+    motion_grid: int = field(default=_PUBLISHED["motion_grid"], metadata={"help": "cells a side of the optical-flow "
+                                                                               "features (0: none)"})
+    motion_planes: str = field(default=_PUBLISHED["motion_planes"], metadata={"help": "planes the flow is taken on "
+                                                                                   "(yuv or y)"})
+    motion_expansion: str = field(default=_PUBLISHED["motion_expansion"], metadata={"help": "how a motion cell "
+                                                                                         "measures growing"})
     soak: float = field(default=0.0, metadata={"help": "then run an overload soak this many seconds (0: none)"})
     soak_streams: int = field(default=0, metadata={"help": "streams of the soak, skipping the search; 0: twice the "
                                                            "capacity found"})
