@@ -18,7 +18,7 @@ from pipeline.features.sentence import SentenceEncoder
 from pipeline.model import build_cmhn, load_checkpoint, smooth_sign
 from pipeline.training.evaluate import PER_IOU_LABEL, Sample, build_samples, evaluate, score_video
 from pipeline.training.extract import ExtractorMismatch, FeatureError, FeatureSet, extract_features, open_for
-from pipeline.training.train import TrainError, TrainOptions, state_path, train
+from pipeline.training.train import TrainError, TrainOptions, state_path, step_groups, train
 from pipeline.video.synth import SynthConfig, build_dataset
 from workers.cli import main as vmh
 from workers.eval_cmd import format_report
@@ -266,3 +266,18 @@ def test_contrastive_loss_prefers_the_positive_pairs() -> None:
     aligned, crossed = torch.eye(3) * 100.0, (1 - torch.eye(3)) * 100.0
     assert contrastive_loss(aligned, positive, 128) < contrastive_loss(crossed, positive, 128)
     assert contrastive_loss(aligned, torch.zeros(3, 3, dtype=torch.bool), 128) == 0  # nothing to prefer
+
+
+def test_similar_steps_group_each_video_with_the_nearest_captions_and_place_every_video_once() -> None:
+    # four kinds of caption, three videos of each, in a shuffled order
+    kinds = np.eye(4)[np.repeat(np.arange(4), 3)] + 0.01 * np.random.default_rng(0).normal(size=(12, 4))
+    captions = kinds / np.linalg.norm(kinds, axis=1, keepdims=True)
+    order = np.random.default_rng(1).permutation(12)
+    groups = step_groups(order, 3, captions)
+    assert sorted(i for group in groups for i in group) == list(range(12))
+    assert all(len({i // 3 for i in group}) == 1 for group in groups)  # look-alikes together
+    assert [group[0] for group in groups] == [i for i in order.tolist() if i in {g[0] for g in groups}]
+    # random steps are the order cut into runs, the last one short
+    assert step_groups(order, 5) == [order[:5].tolist(), order[5:10].tolist(), order[10:].tolist()]
+    with pytest.raises(TrainError, match="step_videos must be one of random, similar, got 'nearest'"):
+        TrainOptions(step_videos="nearest")

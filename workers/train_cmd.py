@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     recipe = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
     for name, kind, what in (
         ("videos_per_step", int, "videos whose sentences and candidates are scored together each step"),
+        ("step_videos", str, "how each step's videos are drawn: random, or similar (a video and those whose captions "
+                              "are nearest its own: look-alikes)"),
         ("negative_weight", float, "weight of sentence-candidate pairs from different videos"),
         ("contrastive_weight", float, "weight of the two-way contrastive term over the step's codes"),
         ("whiten", int, "dims the video features are PCA-whitened to, 0 for none (None: the preset's)"),
@@ -63,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         sentences = SentenceEncoder(str(device), cache_dir=args.cache_dir)
         train_samples = build_samples(load_dataset(kind, path), features, sentences.encode, device)
         val_samples = build_samples(load_dataset(val_kind, val_path), features, sentences.encode, device)
-        recipe = {name: value for name in ("videos_per_step", "negative_weight", "contrastive_weight", "whiten",
-                                           "select")
+        recipe = {name: value for name in ("videos_per_step", "step_videos", "negative_weight", "contrastive_weight",
+                                           "whiten", "select")
                   if (value := getattr(args, name, None)) is not None}
         build = TrainOptions.published if args.published else TrainOptions
         options = build(preset=args.preset, bits=args.bits, causal=args.causal, epochs=args.epochs, lr=args.lr,

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
+STEP_VIDEOS = ("random", "similar")
+
+
 class TrainError(Exception):
     """A training run that cannot start or resume as asked."""
 
@@ -25,6 +28,7 @@ class TrainOptions:
     lr: float | None = None
     seed: int = 0
     videos_per_step: int = 4
+    step_videos: str = "random"  # how a step's videos are drawn: "random", or "similar" captions (look-alikes)
     negative_weight: float = 0.25
     contrastive_weight: float = 3000.0
     select: str = "alerts"  # what picks the epoch kept: "recall" (R@1, as the reference) or "alerts" (alert F1)
@@ -34,6 +38,8 @@ class TrainOptions:
         if self.videos_per_step < 1 or not self.negative_weight >= 0 or not self.contrastive_weight >= 0:
             raise TrainError(f"need videos_per_step >= 1 and non-negative weights, got {self.videos_per_step}, "
                              f"{self.negative_weight} and {self.contrastive_weight}")
+        if self.step_videos not in STEP_VIDEOS:
+            raise TrainError(f"step_videos must be one of {', '.join(STEP_VIDEOS)}, got {self.step_videos!r}")
         if self.select not in ("recall", "alerts"):
             raise TrainError(f"select must be 'recall' or 'alerts', got {self.select!r}")
 
