@@ -147,6 +147,24 @@ def test_training_calibrates_and_eval_alerts_reports_at_that_threshold(data: Pat
     assert "<- checkpoint" in format_alerts(report)
 
 
+def test_eval_calibrate_stores_a_splits_best_threshold_in_the_checkpoint(data: Path, checkpoint: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    model = shutil.copytree(checkpoint, tmp_path / "model")
+    args = ["eval", "--checkpoint", str(model), "--dataset", f"activitynet:{data / 'val.json'}", "--features",
+            str(data / "features"), "--device", "cpu", "--cache-dir", str(data / "cache"), "--alerts", "--json"]
+    assert vmh([*args[:-2], "--calibrate"]) == 2
+    assert "--calibrate calibrates the alert threshold: give --alerts too" in capsys.readouterr().err
+    assert vmh([*args, "--calibrate"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    config = json.loads((model / "config.json").read_text())
+    calibration = config["calibration"]
+    assert calibration["split"] == f"activitynet:{data / 'val.json'}" and calibration["videos"] == 2
+    assert report["threshold"] == config["threshold"] == calibration["threshold"]
+    assert report["at_threshold"]["IoU=0.5"]["f1"] == calibration["f1"]
+    # the split's best up to it (the sweep of calibration stops a few thresholds past its best)
+    assert calibration["f1"] >= max(e["IoU=0.5"]["f1"] for e in report["sweep"] if e["threshold"] <= report["threshold"])
+
+
 def test_eval_refuses_features_of_another_extractor(data: Path, checkpoint: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     features = FeatureSet.open(data / "features")

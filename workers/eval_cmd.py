@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thresholds", default="",
                         help="Hamming thresholds of the alert sweep as FIRST:LAST:STEP [default: 32 steps up to B/2]")
     parser.add_argument("--settle", type=int, default=3, help="the query worker's settle window, seconds [%(default)s]")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="with --alerts: first store the threshold of highest alert F1 on this split in the "
+                             "checkpoint as its own (give it a validation split, larger than training's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.device import DeviceUnavailable, pick_device
     from pipeline.features.sentence import SentenceEncoder
     from pipeline.model import CheckpointError, load_checkpoint
+    from pipeline.model.checkpoint import set_calibration
     from pipeline.training.evaluate import build_samples, evaluate, time_queries
     from pipeline.training.extract import FeatureError, FeatureSet
 
@@ -43,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.checkpoint:
             raise ValueError("no checkpoint given (--checkpoint or VMH_CHECKPOINT)")
+        if args.calibrate and not args.alerts:
+            raise ValueError("--calibrate calibrates the alert threshold: give --alerts too")
         kind, path = parse_dataset_spec(args.dataset)
         device = pick_device(args.device)
         features = FeatureSet.open(args.features)
@@ -58,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
             if not config["causal"]:
                 raise ValueError("alerts come from the live encoder, which runs the causal form; this checkpoint is "
                                  "bidirectional")
-            from pipeline.training.alerts import thresholds_for
+            from pipeline.training.alerts import calibrate, thresholds_for
 
+            if args.calibrate:
+                calibration = calibrate(model, samples, settle=args.settle) | {"split": args.dataset}
+                set_calibration(args.checkpoint, calibration)
+                config = config | {"threshold": calibration["threshold"], "calibration": calibration}
             sweep = parse_range(args.thresholds) if args.thresholds else thresholds_for(model.config.bits)
             report = alert_report(model, config, samples, sweep, args.settle)
             report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, **report}
