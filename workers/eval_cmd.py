@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from pipeline.settings import add_settings
@@ -64,14 +65,17 @@ def run(args: argparse.Namespace) -> int:
             if not config["causal"]:
                 raise ValueError("alerts come from the live encoder, which runs the causal form; this checkpoint is "
                                  "bidirectional")
-            from pipeline.training.alerts import calibrate, thresholds_for
+            from pipeline.training.alerts import calibration_of, thresholds_for
 
-            if args.calibrate:
-                calibration = calibrate(model, samples, settle=args.settle) | {"split": args.dataset}
-                set_calibration(args.checkpoint, calibration)
-                config = config | {"threshold": calibration["threshold"], "calibration": calibration}
             sweep = parse_range(args.thresholds) if args.thresholds else thresholds_for(model.config.bits)
+            if args.calibrate:  # one sweep serves both: every threshold calibration would try, and the ones asked
+                sweep = sorted({*sweep, *thresholds_for(model.config.bits)})
             report = alert_report(model, config, samples, sweep, args.settle)
+            if args.calibrate:
+                best = report["best_on_this_split"]
+                calibration = calibration_of(best, settle=args.settle, videos=len(samples)) | {"split": args.dataset}
+                set_calibration(args.checkpoint, calibration)
+                report |= {"threshold": calibration["threshold"], "calibration": calibration, "at_threshold": best}
             report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, **report}
             print(json.dumps(report) if args.json else format_alerts(report))
             return 0
@@ -118,7 +122,7 @@ def parse_range(text: str) -> range:
     return range(first, last + 1, step)
 
 
-def alert_report(model, config: dict[str, Any], samples, thresholds: range, settle: int) -> dict[str, Any]:
+def alert_report(model, config: dict[str, Any], samples, thresholds: Iterable[int], settle: int) -> dict[str, Any]:
     """The sweep, and the entry at the checkpoint's own threshold (its calibration on the validation split)."""
     from pipeline.training.alerts import alert_sweep, best_threshold
 

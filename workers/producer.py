@@ -10,7 +10,6 @@ With ``--checkpoint`` the frame extractor is the one the model was trained on, w
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import time
@@ -123,13 +122,12 @@ def run(args: argparse.Namespace) -> int:
 def use_checkpoint_extractor(args: argparse.Namespace) -> dict | None:
     """With ``--checkpoint``, take backbone, frame size, sample rate, spatial and motion grids, motion planes and expansion from the
     extractor the model was trained on (the checkpoint's config records its identity), and return that identity; None without a checkpoint."""
-    from pipeline.features import MOTION_EXPANSIONS, MOTION_PLANES, complete_identity
-    from pipeline.model.checkpoint import CONFIG
+    from pipeline.features import MOTION_EXPANSIONS, MOTION_PLANES, recorded_extractor
 
     if not args.checkpoint:
         return None
     try:
-        identity = complete_identity(json.loads(Path(args.checkpoint, CONFIG).read_text())["extractor"])
+        identity = recorded_extractor(args.checkpoint)
         args.backbone, args.frame_size, args.sample_rate = (identity["backbone"], int(identity["frame_size"]),
                                                             float(identity["sample_rate"]))
         args.spatial_grid, args.motion_grid = int(identity["spatial_grid"]), int(identity["motion_grid"])

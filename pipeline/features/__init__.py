@@ -38,6 +38,15 @@ def complete_identity(identity: dict) -> dict:
     return full
 
 
+def recorded_extractor(checkpoint: str | os.PathLike) -> dict:
+    """The frame extractor a checkpoint directory's config records, completed (``complete_identity``); read without
+    torch, so a producer or a benchmark can take its frame path from a checkpoint cheaply."""
+    import json
+    from pathlib import Path
+
+    return complete_identity(json.loads(Path(checkpoint, "config.json").read_text())["extractor"])
+
+
 def video_features(path: str | os.PathLike, encoder: FrameEncoder, batch_size: int = 64) -> np.ndarray:
     """float16 [T, V]: one vector per second of the video at ``path`` (T = its last second + 1), pooled as the
     producer pools them.

@@ -243,5 +243,10 @@ def calibrate(model, val_samples: Sequence, *, settle: int = 3, thresholds: Iter
     stops ``CALIBRATION_PATIENCE`` thresholds past its best."""
     thresholds = thresholds_for(model.config.bits) if thresholds is None else thresholds
     best = best_threshold(alert_sweep(model, val_samples, thresholds, settle=settle, patience=CALIBRATION_PATIENCE))
-    return {"threshold": best["threshold"], "rule": CALIBRATION_RULE, "settle": settle,
-            "videos": len(val_samples), "queries": best["queries"], **best["IoU=0.5"]}
+    return calibration_of(best, settle=settle, videos=len(val_samples))
+
+
+def calibration_of(best: dict, *, settle: int, videos: int) -> dict:
+    """What ``set_calibration`` stores of the sweep entry chosen on a split of ``videos`` videos."""
+    return {"threshold": best["threshold"], "rule": CALIBRATION_RULE, "settle": settle, "videos": videos,
+            "queries": best["queries"], **best["IoU=0.5"]}

@@ -10,7 +10,6 @@ torch, so the `checkpoint` setting can name one cheaply.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 ROOT = Path(__file__).parent
@@ -33,9 +32,9 @@ def published_checkpoint(name: str = LITE_SYNTH) -> Path:
 def published_extractor(name: str = LITE_SYNTH) -> dict:
     """The frame extractor the published checkpoint ``name`` was trained on, as its config records it (completed
     with the keys added since): the frame path that serves it."""
-    from pipeline.features import complete_identity
+    from pipeline.features import recorded_extractor
 
-    return complete_identity(json.loads((published_checkpoint(name) / "config.json").read_text())["extractor"])
+    return recorded_extractor(published_checkpoint(name))
 
 
 def checkpoint_location(text: str) -> str:
