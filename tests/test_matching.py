@@ -298,8 +298,17 @@ def test_event_waits_for_the_settle_window_and_no_longer():
     assert _feed(merger, [], 40) == []
 
 
-def test_a_late_hit_that_overlaps_little_is_a_new_event():
-    merger = HitMerger(settle=0, min_iou=0.5)
+def test_a_query_fires_once_per_happening():
+    # a long moment matched by candidates on its first half, then on its second: one event
+    merger = HitMerger(settle=0)
+    assert merger.update("cam", 10, [_hit(5, 10, 3)]) == [_hit(5, 10, 3)]
+    assert merger.update("cam", 14, [_hit(8, 14, 2)]) == []  # IoU 2/9 with the published event
+    assert merger.update("cam", 30, [_hit(25, 30, 2)]) == [_hit(25, 30, 2)]  # apart: another happening
+    assert merger.update("cam", 40, [_hit(30, 40, 2)]) == [_hit(30, 40, 2)]  # touching is not overlapping
+
+
+def test_a_late_hit_that_overlaps_less_than_repeat_iou_is_a_new_event():
+    merger = HitMerger(settle=0, min_iou=0.5, repeat_iou=0.5)
     assert merger.update("cam", 10, [_hit(5, 10, 3)]) == [_hit(5, 10, 3)]
     assert merger.update("cam", 14, [_hit(8, 14, 2)]) == [_hit(8, 14, 2)]  # IoU 2/9 < 0.5
 
@@ -317,10 +326,10 @@ def test_merger_is_deterministic_and_restorable_from_its_state():
             for e, k, d, q in zip(rng.integers(5, 200, 300), rng.integers(1, 20, 300), rng.integers(0, 30, 300),
                                   rng.integers(0, 3, 300))]
     hits = [h for h in hits if h.start >= 0]
-    straight = _feed(HitMerger(settle=4), hits, 230)
+    straight = _feed(HitMerger(settle=4), hits, 600)  # past every published event's horizon
     shuffled = HitMerger(settle=4)
     resumed, out = None, []
-    for now in range(231):
+    for now in range(601):
         batch = [h for h in hits if h.end == now]
         rng.shuffle(batch)  # order within a batch does not matter
         if now == 100:  # a new worker takes over from the state, through JSON
@@ -331,13 +340,15 @@ def test_merger_is_deterministic_and_restorable_from_its_state():
     assert len(straight) < len(hits) / 2  # overlapping hits were merged
     for query in ("q0", "q1", "q2"):
         events = [e for e in straight if e.query_id == query]
-        assert all(temporal_iou(a, b) < 0.3 for i, a in enumerate(events) for b in events[i + 1:])
+        assert all(temporal_iou(a, b) < 0.05 for i, a in enumerate(events) for b in events[i + 1:])
     assert shuffled.state()["streams"] == {}  # all settled and forgotten: the state stays bounded
 
 
 def test_merger_rejects_bad_parameters():
     with pytest.raises(ValueError, match="min_iou"):
         HitMerger(min_iou=0)
+    with pytest.raises(ValueError, match="repeat_iou"):
+        HitMerger(repeat_iou=1.5)
     with pytest.raises(ValueError, match="settle"):
         HitMerger(settle=-1)
 

@@ -95,11 +95,11 @@ class LiveMatcher:
     @property
     def replay_seconds(self) -> int | None:
         """Seconds of a stream's past moments that rebuild the merger's state for it: a published hit suppresses
-        later ones for up to longest / min_iou seconds, and clusters settle ``settle`` seconds after their hit."""
+        later ones for up to longest / repeat_iou seconds, and clusters settle ``settle`` seconds after their hit."""
         if self.longest_moment is None:
             return None
         longest = self.longest_moment
-        return int(np.ceil(longest / self.merger.min_iou)) + self.merger.settle + longest
+        return int(np.ceil(longest / self.merger.repeat_iou)) + self.merger.settle + longest
 
     def apply_queries(self, changes: Sequence[tuple[str, StandingQuery | None]],
                       origins: Sequence[Origin] | None = None) -> list[ErrorRecord]:
