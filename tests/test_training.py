@@ -80,6 +80,23 @@ def test_extract_resumes_after_an_interruption(data: Path, tmp_path: Path) -> No
         np.testing.assert_allclose(np.load(out / f"{vid}.npy"), array, atol=2e-3)
 
 
+def test_extract_leaves_out_an_undecodable_video_and_extracts_the_rest(data: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    good = sorted((data / "videos").glob("*.mp4"))[0]
+    shutil.copy(good, videos / good.name)
+    (videos / "aaa_garbage.mp4").write_bytes(b"not a video at all" * 100)  # sorted first: tried before the good one
+    args = ["extract", str(videos), "--out", str(tmp_path / "features"), "--frame-size", "64", "--sample-rate", "2",
+            "--no-progress", "--device", "cpu"]
+    assert vmh(args) == 1
+    assert "1 video could not be decoded and was left out: aaa_garbage" in capsys.readouterr().err
+    features = FeatureSet.open(tmp_path / "features")
+    assert list(features.videos) == [good.stem]
+    np.testing.assert_allclose(np.load(tmp_path / "features" / f"{good.stem}.npy"),
+                               np.load(data / "features" / f"{good.stem}.npy"), atol=2e-3)
+
+
 def test_extract_refuses_features_of_another_extractor(data: Path, tmp_path: Path) -> None:
     shutil.copytree(data / "features", tmp_path / "features")
     other = FeatureSet.open(data / "features").extractor | {"frame_size": 224}

@@ -33,4 +33,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"vmh extract: {e}", file=sys.stderr)
         return 2
     print(f"extracted {len(result.extracted)} videos, {len(result.skipped)} already there, into {args.out}")
+    if result.failed:
+        n = len(result.failed)
+        print(f"vmh extract: {n} video{'s' if n > 1 else ''} could not be decoded and {'were' if n > 1 else 'was'} left out: "
+              f"{', '.join(sorted(result.failed))}", file=sys.stderr)
+        return 1
     return 0

@@ -3,7 +3,8 @@
 A features directory holds ``<video_id>.npy`` (float16 [T, V], one row per second) and ``manifest.json``: the
 extractor's identity (backbone, weights, frame size, sample rate) and the seconds of every video written so far.
 Extraction is resumable: each array is written as ``.part`` and renamed, so an existing ``.npy`` is complete and is
-skipped; a directory made by another extractor is refused, since its features would mean something else.
+skipped; a directory made by another extractor is refused, since its features would mean something else. A video
+that cannot be decoded is reported and left out; the others are extracted.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class ExtractResult:
     features: FeatureSet
     extracted: list[str]  # video ids computed in this run
     skipped: list[str]  # video ids already there
+    failed: dict[str, str]  # video id -> why it could not be decoded; not in the features
 
 
 def list_videos(videos_dir: str | os.PathLike) -> dict[str, Path]:
@@ -126,6 +128,7 @@ def extract_features(
     from tqdm import tqdm
 
     from pipeline.features import video_features
+    from pipeline.video.source import SourceError
 
     videos = list_videos(videos_dir)
     features = open_for(out_dir, encoder.identity())
@@ -135,13 +138,19 @@ def extract_features(
     kept = {vid: seconds for vid, seconds in features.videos.items() if vid not in todo}  # other folders' too
     features.videos = kept | {vid: written[vid] for vid in skipped}
     features.save()
+    failed: dict[str, str] = {}
     with tqdm(todo, desc="extracting", unit="video", disable=not progress) as bar:
         for vid in bar:
-            array = video_features(videos[vid], encoder)
+            try:
+                array = video_features(videos[vid], encoder)
+            except SourceError as e:  # one corrupt file does not cost the rest of the folder
+                log.error("video %s not extracted: %s", vid, e)
+                failed[vid] = str(e)
+                continue
             _write(features.root / f"{vid}.npy", array)
             features.videos[vid] = len(array)
             features.save()
-    return ExtractResult(features, todo, skipped)
+    return ExtractResult(features, [vid for vid in todo if vid not in failed], skipped, failed)
 
 
 def _seconds_written(features: FeatureSet, video_id: str) -> int:
