@@ -111,6 +111,15 @@ def test_a_sweep_with_patience_stops_past_its_peak(monkeypatch) -> None:
     assert best_threshold(sweep)["threshold"] == 2
 
 
+def test_calibration_takes_the_most_precise_threshold_of_the_f1_plateau() -> None:
+    def sweep(*f1s):
+        return [{"threshold": t, "IoU=0.5": {"f1": f1}} for t, f1 in zip((22, 24, 26, 28), f1s)]
+
+    assert best_threshold(sweep(0.68, 0.726, 0.728, 0.728))["threshold"] == 24  # within 0.01 of the best
+    assert best_threshold(sweep(0.68, 0.71, 0.728, 0.72))["threshold"] == 26  # 0.018 below is not a tie
+    assert best_threshold(sweep(0.68, 0.71, 0.728, 0.72), tie=0.0)["threshold"] == 26
+
+
 def test_a_query_without_threshold_takes_the_models() -> None:
     code = np.zeros(4, np.uint8)
     matcher = LiveMatcher(32, "m", lambda texts: np.zeros((len(texts), 4), np.uint8), threshold=9)
