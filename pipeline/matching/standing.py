@@ -189,8 +189,8 @@ class HitMerger:
         return merger
 
     def _place(self, stream: _Stream, hit: Hit) -> None:
-        if any(temporal_iou(hit, done) >= self.repeat_iou for done in stream.published.get(hit.query_id, ())):
-            return  # the happening was published already
+        if self._repeats(stream, hit):
+            return
         clusters = stream.open.setdefault(hit.query_id, [])
         for cluster in clusters:
             if temporal_iou(hit, cluster.best) >= self.min_iou:
@@ -199,6 +199,10 @@ class HitMerger:
                 return
         clusters.append(_Cluster(hit, hit.end + self.settle))
 
+    def _repeats(self, stream: _Stream, hit: Hit) -> bool:
+        """Whether ``hit`` is a happening already published for its query on the stream."""
+        return any(temporal_iou(hit, done) >= self.repeat_iou for done in stream.published.get(hit.query_id, ()))
+
     def _publish(self, stream_id: str, everything: bool) -> list[Hit]:
         stream, out = self._streams[stream_id], []
         for query_id in list(stream.open):
@@ -206,9 +210,8 @@ class HitMerger:
             waiting = []
             for cluster in clusters:
                 if everything or cluster.deadline <= stream.now:
-                    done = stream.published.setdefault(query_id, [])
-                    if all(temporal_iou(cluster.best, hit) < self.repeat_iou for hit in done):
-                        done.append(cluster.best)
+                    if not self._repeats(stream, cluster.best):
+                        stream.published.setdefault(query_id, []).append(cluster.best)
                         out.append((cluster.deadline, cluster.best))
                 else:
                     waiting.append(cluster)
