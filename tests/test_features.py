@@ -85,6 +85,18 @@ def test_pooler_flushes_one_stream() -> None:
     assert [p.stream_id for p in pooler.flush()] == ["a"]
 
 
+def test_pooler_closes_a_second_that_gets_no_more_frames() -> None:
+    pooler = SecondPooler(frames_per_second=2)
+    pooler.add([frame("a", 4, capture=7.0)], np.ones((1, 3)))
+    assert pooler.close("a", 3) == [] and pooler.close("b", 4) == []  # not the open second, not an open stream
+    (closed,) = pooler.close("a", 4)
+    assert (closed.second, closed.frames, closed.capture_time) == (4, 1, 7.0) and pooler.close("a", 4) == []
+    # a frame of it that still comes is a straggler: dropped, but the media time missing before it is not
+    assert pooler.add([frame("a", 4, gap=0.5)], np.ones((1, 3))) == []
+    pooler.add([frame("a", 5, gap=0.25)], np.ones((1, 3)))
+    assert [(p.second, p.gap) for p in pooler.flush("a")] == [(5, 0.75)]
+
+
 def test_pooler_accepts_torch_features() -> None:
     pooler = SecondPooler()
     pooler.add([frame("a", 0)], torch.tensor([[3.0, 4.0]]))

@@ -12,7 +12,7 @@ import pytest
 from pipeline.bus.records import extractor_id
 from pipeline.features.live import LiveFeaturizer
 from pipeline.video.multi import MultiSource, StreamEnded
-from pipeline.video.source import SampledFrame, SourceOptions
+from pipeline.video.source import SampledFrame, Shedding, SourceOptions
 from workers.producer import differences, use_checkpoint_extractor
 
 IDENTITY = {"backbone": "fake", "weights_sha256": "00", "frame_size": 4, "sample_rate": 2.0, "dim": 3}
@@ -49,6 +49,22 @@ def test_records_name_their_session_and_extractor_and_the_end_is_marked():
     # a's final second went out complete: it goes out again as the end marker; b's was still open: it is marked
     assert [(r.stream_id, r.t, r.last) for r in ended.records] == [("a", 2, True), ("b", 1, True)]
     assert ended.ended == ["a", "b"] and featurizer.encoder.forgotten == ["a", "b"]  # their motion state too
+
+
+def test_the_second_in_progress_goes_out_when_its_source_begins_shedding():
+    """Without the marker, second 3's half would wait out the decoder's hole (up to a keyframe) for second 9."""
+    featurizer = LiveFeaturizer(FakeEncoder(), session="s1")
+    half = frames("a", [3])[:1]
+    done = featurizer.process(half + [Shedding("a", 3)])
+    assert [(r.t, r.capture_time) for r in done.records] == [(0, 103.0)]
+    after = [SampledFrame("a", 9, 9.0, 109.0, np.zeros((4, 4, 3), np.uint8), gap=5.5, dropped=5.5)]
+    assert [(r.t, r.media_time, r.gap_seconds) for r in featurizer.process(after).records] == []  # 9 is still open
+    # in one batch, the frame after the hole already closed second 3: the marker does not close second 9 early
+    featurizer = LiveFeaturizer(FakeEncoder(), session="s2")
+    done = featurizer.process(half + [Shedding("a", 3)] + after)
+    assert [r.media_time for r in done.records] == [3.0]
+    assert [(r.media_time, r.gap_seconds) for r in featurizer.process(frames("a", [10])).records] == [(9.0, 5.5),
+                                                                                                      (10.0, 0.0)]
 
 
 def test_a_new_featurizer_is_a_new_session():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.features.shedding import LoadShedder
-from pipeline.video.source import SampledFrame, SourceOptions, VideoSource
+from pipeline.video.source import SampledFrame, Shedding, SourceOptions, VideoSource
 
 PIXELS = np.zeros((2, 2, 3), np.uint8)
 
@@ -77,10 +77,16 @@ def test_a_paced_source_behind_its_schedule_drops_up_to_a_keyframe_and_marks_the
     path = gop_clip(tmp_path / "gop.mp4", 4)
     source = VideoSource(str(path), options=SourceOptions(sample_rate=4, frame_size=16, realtime=True, max_lag=0.5))
     frames, started = [], time.monotonic()
+    markers = []
     for sampled in source:
+        if isinstance(sampled, Shedding):
+            markers.append((sampled, len(frames)))
+            continue
         frames.append((sampled, time.time()))
         if len(frames) == 2:
             time.sleep(1.5)  # a stalled CNN
+    # the drop was announced before the hole, naming the second of the last frame before it
+    assert [(m.stream_id, m.second, frames[i - 1][0].second) for m, i in markers] == [(source.stream_id, 0, 0)]
     elapsed = time.monotonic() - started
     media = [f.media_time for f, _ in frames]
     assert media == sorted(media) and elapsed < 4.5  # it kept to the clock instead of falling behind

@@ -5,7 +5,8 @@ the lost media time on the first record after it, so the encoder downstream alwa
 Records name the producer session and the extractor that made them. A stream that ends marks its final second
 ``last``; when that second already went out (it was complete before the end was known), it goes out once more,
 marked, as the end marker. With a ``LoadShedder``, late seconds of live streams are dropped before the CNN and
-show as gaps on the records after them.
+show as gaps on the records after them; a source that begins shedding (``Shedding``) has its second in progress sent
+at once, as far as it got.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipeline.features.backbone import FrameEncoder
 from pipeline.features.pooling import PooledSecond, SecondPooler
 from pipeline.features.shedding import LoadShedder
 from pipeline.video.multi import Item, StreamEnded, StreamError
-from pipeline.video.source import CorruptSource, SampledFrame
+from pipeline.video.source import CorruptSource, SampledFrame, Shedding
 
 
 @dataclass
@@ -62,6 +63,8 @@ class LiveFeaturizer:
             out.records += self._records(self.pooler.add(frames, features))
             out.frames = Counter(f.stream_id for f in frames)
         for item in items:
+            if isinstance(item, Shedding):  # after the batch's frames: a later frame of its stream may have closed it
+                out.records += self._records(self.pooler.close(item.stream_id, item.second))
             if isinstance(item, (StreamEnded, StreamError)):
                 out.records += self._end(item.stream_id)
                 out.ended.append(item.stream_id)

@@ -47,6 +47,7 @@ class SecondPooler:
         self.motion_dim = motion_dim
         self._open: dict[str, _Partial] = {}
         self._emitted: dict[str, int] = {}  # last second emitted early, per stream
+        self._gap: dict[str, float] = {}  # gap carried by stragglers, for the stream's next second
 
     def add(self, frames: Sequence[SampledFrame], features: Any) -> list[PooledSecond]:
         """Add a batch of frames (any streams, each stream in media-time order) and their features [N, V]."""
@@ -70,8 +71,9 @@ class SecondPooler:
         done: list[tuple[str, _Partial]] = []
         for g, (stream, second) in enumerate(groups.tolist()):
             name = names[stream]
-            if second <= self._emitted.get(name, -1):
-                continue  # a straggler of a second already complete
+            if second <= self._emitted.get(name, -1):  # a straggler of a second already out: dropped, its gap kept
+                self._gap[name] = self._gap.get(name, 0.0) + float(gaps[g])
+                continue
             partial = self._open.get(name)
             if partial is not None and partial.second == second:
                 partial.total += totals[g]
@@ -84,17 +86,27 @@ class SecondPooler:
                 if partial is not None:
                     done.append((name, partial))
                 partial = self._open[name] = _Partial(second, totals[g], int(counts[g]), float(capture[g]),
-                                                      float(gaps[g]))
+                                                      float(gaps[g]) + self._gap.pop(name, 0.0))
             if self.frames_per_second and partial.frames >= self.frames_per_second:
                 done.append((name, self._open.pop(name)))
                 self._emitted[name] = second
         return _finish(done, self.motion_dim)
 
+    def close(self, stream_id: str, second: int) -> list[PooledSecond]:
+        """``second`` of the stream gets no more frames (its source began shedding): emit it now if it is open.
+        Frames of it that still come are stragglers, dropped."""
+        partial = self._open.get(stream_id)
+        if partial is None or partial.second != second:
+            return []  # already out, or a later second has begun
+        self._emitted[stream_id] = second
+        return _finish([(stream_id, self._open.pop(stream_id))], self.motion_dim)
+
     def flush(self, stream_id: str | None = None) -> list[PooledSecond]:
         """End of a stream (or of all streams): emit what is still open."""
         names = list(self._open) if stream_id is None else [stream_id] if stream_id in self._open else []
-        for name in [stream_id] if stream_id is not None else list(self._emitted):
+        for name in [stream_id] if stream_id is not None else list({*self._emitted, *self._gap}):
             self._emitted.pop(name, None)
+            self._gap.pop(name, None)
         return _finish([(name, self._open.pop(name)) for name in names], self.motion_dim)
 
 

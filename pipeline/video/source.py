@@ -21,7 +21,9 @@ the frames that are decoded (on two free cores, kept from the decoder, they made
 A live source (or a file paced as one) that the process cannot keep up with sheds load instead of queueing: once a
 decoded frame is more than ``max_lag`` seconds behind the source's own schedule, the decoder drops every packet up
 to the next keyframe (inter frames cannot be decoded without their references), and the first frame after the hole
-carries the dropped media seconds in ``gap`` and ``dropped``. Files that are not paced are never dropped.
+carries the dropped media seconds in ``gap`` and ``dropped``. Files that are not paced are never dropped. When the
+drop begins the source yields a ``Shedding`` marker: the second in progress gets no more frames, and what was
+sampled of it can go downstream at once rather than wait out the hole (up to a keyframe, which may be many seconds).
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ class SampledFrame:
     rgb: np.ndarray  # uint8 [frame_size, frame_size, 3]
     gap: float = 0.0
     dropped: float = 0.0  # the part of ``gap`` shed to keep up with a live source (the rest: reconnects)
+
+
+@dataclass(frozen=True)
+class Shedding:
+    """The source began dropping media up to a keyframe to keep up: ``second`` (of its last sampled frame) will
+    get no more frames."""
+
+    stream_id: str
+    second: int
 
 
 @dataclass(frozen=True)
@@ -297,7 +308,7 @@ class VideoSource:
         """Make a running iteration end at its next packet (safe from another thread)."""
         self._stop.set()
 
-    def __iter__(self) -> Iterator[SampledFrame]:
+    def __iter__(self) -> Iterator[SampledFrame | Shedding]:
         timeline = _Timeline(self.options.sample_rate)
         failures = 0
         while not self._stop.is_set():
@@ -313,6 +324,9 @@ class VideoSource:
                 try:
                     with container:
                         for frame in self._session(container, timeline):
+                            if isinstance(frame, Shedding):
+                                yield frame
+                                continue
                             if self.options.realtime and not self.live:
                                 due = timeline.origin + frame.media_time
                                 self._stop.wait(max(0.0, due - time.monotonic()))
@@ -369,7 +383,7 @@ class VideoSource:
             raise CorruptSource(f"{self.url}: has no video stream")
         return container
 
-    def _session(self, container: Any, timeline: _Timeline) -> Iterator[SampledFrame]:
+    def _session(self, container: Any, timeline: _Timeline) -> Iterator[SampledFrame | Shedding]:
         """Sampled frames of one opened container; errors of a live source become ``_Reconnect``."""
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -378,6 +392,7 @@ class VideoSource:
         paced = self.options.realtime and not self.live
         sheddable = self.live or paced
         shed_from: float | None = None  # media time where the decoder began dropping up to a keyframe
+        last_second: int | None = None  # of the last frame sampled in this session
         skip_packets = False  # from the drop to the next keyframe packet
         size = self.options.frame_size
         scaler = VideoReformatter()  # one per session keeps libswscale's context cached between frames
@@ -414,6 +429,8 @@ class VideoSource:
                         if shed_from is None:
                             log.info("stream %s: %.1fs behind; dropping up to the next keyframe", self.stream_id, lag)
                             shed_from = media
+                            if last_second is not None:
+                                yield Shedding(self.stream_id, last_second)
                         skip_packets = True
                         continue
                     if shed_from is not None:
@@ -426,8 +443,8 @@ class VideoSource:
                     rgb = scaler.reformat(frame, size, size, "rgb24", interpolation="AREA", threads=1).to_ndarray()
                     gap, timeline.pending_gap = timeline.pending_gap, 0.0
                     dropped, timeline.pending_dropped = timeline.pending_dropped, 0.0
-                    yield SampledFrame(self.stream_id, math.floor(media + _EPS), media, time.time() - max(0.0, lag),
-                                       rgb, gap, dropped)
+                    last_second = math.floor(media + _EPS)
+                    yield SampledFrame(self.stream_id, last_second, media, time.time() - max(0.0, lag), rgb, gap, dropped)
                     last_frame_at = time.monotonic()  # time spent downstream is not a stall
         except av.error.FFmpegError as e:
             if self.live:

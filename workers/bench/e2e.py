@@ -226,11 +226,11 @@ def _run_streams(n: int, seconds: float, video: str, env: dict, params: Params, 
     """N paced streams, measured for ``seconds`` once every stream gives moments: latency percentiles, CPU per stage,
     memory per worker. With ``memory_after``, also each worker's RSS that many seconds in, for the soak's check."""
     from pipeline.bus.kafka import read_committed_consumer
-    from pipeline.bus.records import MatchEvent, MomentCode, decode
+    from pipeline.bus.records import FrameFeatures, MatchEvent, MomentCode, decode
     from pipeline.bus.topics import topics
 
     names = topics(prefix)
-    matches = read_committed_consumer([names.matches, names.moments], from_beginning=False,
+    matches = read_committed_consumer([names.matches, names.moments, names.features], from_beginning=False,
                                       bootstrap=env["VMH_BOOTSTRAP_SERVERS"])
     for tp in matches.assignment():
         matches.position(tp)
@@ -244,7 +244,7 @@ def _run_streams(n: int, seconds: float, video: str, env: dict, params: Params, 
                                  tmp / f"producer{n}-{p}.log"), port))
     watched = _Workers(producers, workers[0].pid, workers[1].pid, broker)
     started = time.time()
-    latencies, to_moment, up, streams_seen = [], [], set(), set()
+    latencies, to_moment, to_features, up, streams_seen = [], [], [], set(), set()
     steady = first = early = None  # wall-clock start of the measured part, and the snapshots
     try:
         while steady is None or time.time() < steady + seconds:
@@ -257,6 +257,11 @@ def _run_streams(n: int, seconds: float, video: str, env: dict, params: Params, 
                 early = watched.snapshot()
             for tp, batch in matches.poll(timeout_ms=500).items():
                 for record in batch:
+                    if tp.topic == names.features:  # the producer's part: capture to the record's send
+                        features = decode(record.value, FrameFeatures)
+                        if steady is not None and features.stream_id in ids and features.capture_time >= steady:
+                            to_features.append(record.timestamp / 1000 - features.capture_time)
+                        continue
                     if tp.topic == names.moments:
                         moment = decode(record.value, MomentCode)
                         if moment.stream_id not in ids:
@@ -283,6 +288,8 @@ def _run_streams(n: int, seconds: float, video: str, env: dict, params: Params, 
         "streams": n, "producers": count, "events": len(latencies), "streams_with_events": len(streams_seen),
         "p50_s": _percentile(latencies, 0.5), "p99_s": _percentile(latencies, 0.99),
         "capture_to_moment_p50_s": _percentile(to_moment, 0.5), "capture_to_moment_p99_s": _percentile(to_moment, 0.99),
+        "capture_to_features_p50_s": _percentile(to_features, 0.5),
+        "capture_to_features_p99_s": _percentile(to_features, 0.99),
         "dropped_seconds": round(dropped, 1),
         "cores": _Workers.stages(first, last) if first else {},
         "rss_mb": {name: round(mb) for name, mb in last["rss_mb"].items()},
