@@ -5,7 +5,8 @@ processes as a deployment spreads them (one per core by default), through a real
 worker, with one standing query that matches every moment; the frame path is the published model's (its
 extractor as its config records it: MobileNetV2 at 160 px with a 2 x 2 grid, 2 fps, Y, U and V optical flow), the
 lite model's weights random; latency is match
-publish time minus the capture time of the moment's last second, over the events of the steady part of each run. N doubles until a run misses the bound,
+publish time minus the capture time of the moment's last second, over the events of the steady part of each run;
+the producer's part of it (capture to the feature record's send) is reported beside it. N doubles until a run misses the bound,
 then bisects: no ceiling. A run is within capacity when p99 is under the bound, every stream had events and the
 producers dropped nothing (they shed load rather than fall behind, so past capacity latency stays bounded and the
 dropped seconds say what it cost). The hit merger runs with settle 0, so an event leaves one second after its
@@ -401,7 +402,8 @@ def table(result: dict) -> str:
     soak = result["soak"]
     if soak:
         lines.append(f"soak: {soak['streams']} streams for {result['params']['soak']:g} s: capture-to-moment p99 "
-                     f"{_s(soak['capture_to_moment_p99_s'])} s, {soak['dropped_seconds']} s dropped; RSS growth "
+                     f"{_s(soak['capture_to_moment_p99_s'])} s (of which capture to feature record "
+                     f"{_s(soak['capture_to_features_p99_s'])} s), {soak['dropped_seconds']} s dropped; RSS growth "
                      "after the first minute: " + ", ".join(f"{k} {v:+.1%}" for k, v in soak["rss_growth"].items()))
     m = result["machine"]
     lines.append(f"machine: {m['cores']} cores, {m['cpu']}, load {m['load_average']}")
