@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model import CMHN, PRESETS, CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
+from pipeline.model import CMHN, PRESETS, CheckpointError, CheckpointMismatch, ensemble, load_checkpoint, save_checkpoint
 
 EXTRACTOR = {"backbone": "mobilenet_v2", "weights": "imagenet-offline", "frame_size": 224, "sample_rate": 4.0}
 ENCODER = "all-MiniLM-L6-v2"
@@ -39,6 +39,39 @@ def test_round_trip_gives_the_same_outputs(saved: tuple[Path, CMHN]) -> None:
     assert config["sentence_encoder"] == ENCODER
     assert config["extra"] == {"epoch": 3}
     assert config["preset"] == "lite" and config["channels"] == list(PRESETS["lite"].channels)
+
+
+def test_an_ensemble_round_trips(tmp_path: Path) -> None:
+    joined = ensemble([small(), _reseeded()])
+    path = save_checkpoint(tmp_path / "ensemble", joined, EXTRACTOR, ENCODER)
+    loaded, config = load_checkpoint(path, preset="lite", extractor=EXTRACTOR, sentence_encoder=ENCODER)
+    assert (config["members"], config["bits"]) == (2, 32) and loaded.config == joined.config
+    video, sentences = torch.randn(30, 6), torch.randn(4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.ven(video), joined.ven(video), rtol=0, atol=0)
+        assert loaded.qen(sentences).shape == (4, 32)
+        # the second member's half is its own, not a copy of the first's
+        assert not torch.equal(loaded.qen(sentences)[:, :16], loaded.qen(sentences)[:, 16:])
+
+
+def test_vmh_ensemble_joins_checkpoints_of_one_frame_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from workers.cli import main
+
+    first = save_checkpoint(tmp_path / "a", small(), EXTRACTOR, ENCODER, {"epoch": 3})
+    second = save_checkpoint(tmp_path / "b", _reseeded(), EXTRACTOR, ENCODER, {"epoch": 5})
+    assert main(["ensemble", str(first), str(second), "--out", str(tmp_path / "joined")]) == 0
+    _, config = load_checkpoint(tmp_path / "joined", extractor=EXTRACTOR, sentence_encoder=ENCODER)
+    assert config["members"] == 2 and "threshold" not in config  # calibrated next, in its own bits
+    assert config["extra"]["members"] == [{"checkpoint": "a", "epoch": 3}, {"checkpoint": "b", "epoch": 5}]
+    other = save_checkpoint(tmp_path / "c", _reseeded(), {**EXTRACTOR, "frame_size": 160}, ENCODER)
+    assert main(["ensemble", str(first), str(other), "--out", str(tmp_path / "bad")]) == 2
+    assert "extractor" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["ensemble", str(first), "--out", str(tmp_path / "bad")]) == 2
+
+
+def _reseeded() -> CMHN:
+    torch.manual_seed(1)
+    return CMHN(replace(PRESETS["lite"], video_dim=6, sentence_dim=5, bits=16)).eval()
 
 
 def test_a_model_of_another_preset_is_refused(tmp_path: Path) -> None:

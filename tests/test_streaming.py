@@ -4,6 +4,7 @@ exact to rounding and long sequences stay cheap."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from harness import narrow_cmhn
 from pipeline.codes.packing import pack_signs
-from pipeline.model import CMHN, StreamingEncoder, StreamStateError, build_cmhn, candidate_spans
+from pipeline.model import CMHN, StreamingEncoder, StreamStateError, build_cmhn, candidate_spans, ensemble
 
 V = 6
 pytestmark = pytest.mark.usefixtures("one_thread_seeded")
@@ -81,6 +82,34 @@ def test_streams_batched_together_equal_full_passes(preset: str, motion_dim: int
     assert len(encoder) == 0
     for sid, _, _ in schedule:
         assert_same_moments(streamed[sid], full_pass(model, features[sid]))
+
+
+def test_an_ensemble_streams_as_its_members_side_by_side() -> None:
+    """Each member keeps its own whitening and caches: the joined codes equal the members' full passes, joined, through
+    steps, a rebuild from the receptive field and a move to another encoder."""
+    torch.manual_seed(1)
+    members = [narrow("lite", motion_dim=2) for _ in range(2)]
+    joined = ensemble(members)
+    assert joined.config.bits == 32 and joined.config.members == 2
+    features = torch.randn(80, V, dtype=torch.float64)
+    expected = {span: np.concatenate([full_pass(m, features)[span] for m in members])
+                for span in full_pass(members[0], features)}
+    assert_same_moments(run(StreamingEncoder(joined), "s", features), expected)
+    encoder, moved = StreamingEncoder(joined), StreamingEncoder(joined)
+    cut = 50
+    encoder.rebuild("s", features[cut - encoder.receptive_field : cut], cut)
+    moved.load_state("s", encoder.state_dict_for("s"))
+    later = {span: value for span, value in expected.items() if span[1] > cut}
+    assert_same_moments(run(moved, "s", features[cut:]), later)
+
+
+def test_an_ensemble_joins_members_of_one_architecture() -> None:
+    with pytest.raises(ValueError, match="differ in \\['bits'\\]"):
+        ensemble([narrow("lite"), CMHN(replace(narrow("lite").config, bits=24)).double()])
+    with pytest.raises(ValueError, match="two or more"):
+        ensemble([narrow("lite")])
+    with pytest.raises(ValueError, match="not trained as one"):
+        ensemble([narrow("lite"), narrow("lite")]).fit_inputs(torch.zeros(3, V), torch.zeros(3, 384))
 
 
 def run(encoder: StreamingEncoder, stream_id: str, features: torch.Tensor) -> list:

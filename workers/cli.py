@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("workers.synth_cmd", "render the synthetic moment-localization dataset"),
     "extract": ("workers.extract_cmd", "per-second frame features of a folder of videos, for training"),
     "train": ("workers.train_cmd", "train a CMHN checkpoint on extracted features"),
+    "ensemble": ("workers.ensemble_cmd", "join CMHN checkpoints trained apart into one with their codes side by side"),
     "eval": ("workers.eval_cmd", "recall and query latency of a CMHN checkpoint on a dataset"),
     "bench": ("workers.bench_cmd", "benchmarks against reference implementations"),
 }

@@ -84,7 +84,7 @@ class LiveCoder:
         first = next_second
         while first > next_second - needed and (first - 1) in by_second:
             first -= 1
-        tail = np.zeros((needed, self._encoder.ven.video_dim), dtype=np.float32)
+        tail = np.zeros((needed, self._encoder.video_dim), dtype=np.float32)
         if first < next_second:
             tail[needed - (next_second - first) :] = np.stack([by_second[t] for t in range(first, next_second)])
         self._encoder.rebuild(stream_id, tail, next_second)
@@ -162,9 +162,9 @@ class LiveCoder:
         if self.extractor is not None and record.extractor != self.extractor:
             return FOREIGN_EXTRACTOR, (f"features of extractor {record.extractor or 'unnamed'!r}; this model was "
                                        f"trained on {self.extractor!r}; start the producer with this checkpoint")
-        if record.features.size != self._encoder.ven.video_dim:
+        if record.features.size != self._encoder.video_dim:
             return BAD_FEATURES, (f"{record.features.size}-d features; the model reads "
-                                  f"{self._encoder.ven.video_dim}-d ones")
+                                  f"{self._encoder.video_dim}-d ones")
         if not np.isfinite(record.features).all():
             return BAD_FEATURES, "features hold NaN or infinite values"
         return None
@@ -174,9 +174,9 @@ class LiveCoder:
         stream_id, gap = record.stream_id, record.t - expected
         if gap >= self.history_seconds:  # nothing real is left in the window
             self._encoder.rebuild(stream_id, np.zeros((min(record.t, self.history_seconds),
-                                                       self._encoder.ven.video_dim), np.float32), record.t)
+                                                       self._encoder.video_dim), np.float32), record.t)
         else:
-            zeros = np.zeros((1, self._encoder.ven.video_dim), np.float32)
+            zeros = np.zeros((1, self._encoder.video_dim), np.float32)
             for _ in range(gap):
                 self._encoder.step([stream_id], zeros)  # the moments of missing seconds are not emitted
         return self._error(record, origin, HISTORY_INCOMPLETE,

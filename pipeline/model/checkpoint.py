@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 import torch
 
 from pipeline.features import complete_identity
-from pipeline.model.cmhn import CMHN, CMHNConfig, get_preset
+from pipeline.model.cmhn import CMHN, CMHNConfig, ensemble, get_preset
 
 CHECKPOINT_VERSION = 1
 WEIGHTS, CONFIG = "weights.pt", "config.json"
@@ -93,6 +93,25 @@ def load_checkpoint(
     except Exception as error:  # torch.load and load_state_dict raise many types for a damaged or foreign file
         raise CheckpointError(f"corrupt or mismatched weights {path / WEIGHTS}: {error}") from error
     return model.to(map_location).eval(), config | {"extractor": complete_identity(config.get("extractor") or {})}
+
+
+def join_checkpoints(members: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Write the ensemble of the checkpoints ``members`` (``cmhn.ensemble``) to ``out``. They must have been
+    trained on one frame extractor and sentence encoder; each member's own record (its ``extra``) is kept. The
+    ensemble is not calibrated: its threshold counts the bits of every member, so it gets its own."""
+    loaded = [load_checkpoint(path) for path in members]
+    firsts = loaded[0][1]
+    for path, (_, config) in zip(members[1:], loaded[1:]):
+        for key in ("extractor", "sentence_encoder"):
+            if config[key] != firsts[key]:
+                raise CheckpointMismatch(Path(path), [(key, firsts[key], config[key])])
+    try:
+        joined = ensemble([model for model, _ in loaded])
+    except ValueError as error:
+        raise CheckpointError(f"cannot join {', '.join(map(str, members))}: {error}") from error
+    extra = {"members": [{"checkpoint": Path(path).name, **config.get("extra", {})}
+                         for path, (_, config) in zip(members, loaded)]}
+    return save_checkpoint(out, joined, firsts["extractor"], firsts["sentence_encoder"], extra)
 
 
 def set_calibration(path: str | os.PathLike, calibration: Mapping[str, Any]) -> None:

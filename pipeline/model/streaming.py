@@ -4,6 +4,7 @@ Per stream the encoder keeps, for every dilated conv, the last (k - 1) * d colum
 start are exactly the causal zero padding), the last K_max - 1 TCN outputs for the moment heads, and the number of
 seconds seen. A new second appends one column per layer, so a step costs one TCN column per stream, and every layer
 runs once for all streams of the step. Its moments equal a full causal VEN pass over the stream's whole history.
+An ensemble's members each keep their own caches; their codes are joined per moment.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pipeline.codes.packing import pack_signs
-from pipeline.model.cmhn import CMHN, VEN
+from pipeline.model.cmhn import CMHN, VEN, CMHNConfig
 
 
 class Moment(NamedTuple):
@@ -44,11 +45,13 @@ class StreamingEncoder:
             raise ValueError("streaming needs the causal form of CMHN (build_cmhn(..., causal=True))")
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
-        self.ven = _inference_copy(model, self.dtype).to(self.device)
+        self.video_dim = model.config.video_dim
+        self.vens = [_inference_copy(ven, model.config.member(), self.dtype).to(self.device) for ven in model.vens]
         self._kernels, self._strides = np.array(model.config.kernel_sizes), np.array(model.config.strides)
-        blocks = self.ven.tcn.blocks
+        blocks = self.vens[0].tcn.blocks
         shapes = [(conv.in_channels, block.history) for block in blocks for conv in (block.conv1, block.conv2)]
         shapes.append((model.config.channels[-1], int(self._kernels.max()) - 1))
+        shapes *= len(self.vens)  # each member's caches in turn
         self._caches = [torch.zeros(0, *shape, dtype=self.dtype, device=self.device) for shape in shapes]
         self._seconds = np.zeros(0, dtype=np.int64)
         self._rows: dict[str, int] = {}
@@ -62,7 +65,7 @@ class StreamingEncoder:
         TCN outputs >= x - K_max; so moments ending after r read nothing before r - receptive_field, and the zeros a
         replay from zero state at r - receptive_field leaves in place of older activations are never read.
         """
-        return self.ven.tcn.receptive_field - 1 + int(self._kernels.max()) - 1
+        return self.vens[0].tcn.receptive_field - 1 + int(self._kernels.max()) - 1
 
     def __contains__(self, stream_id: str) -> bool:
         return stream_id in self._rows
@@ -84,9 +87,9 @@ class StreamingEncoder:
         if not stream_ids:
             return []
         rows = np.array([self._rows[s] if s in self._rows else self._allocate(s) for s in stream_ids])
-        window = self._advance(torch.from_numpy(rows).to(self.device), columns[:, :, None])
+        windows = self._advance(torch.from_numpy(rows).to(self.device), columns[:, None, :])
         self._seconds[rows] += 1
-        return self._moments(stream_ids, self._seconds[rows], window)
+        return self._moments(stream_ids, self._seconds[rows], windows)
 
     @torch.no_grad()
     def rebuild(self, stream_id: str, features_tail: torch.Tensor | np.ndarray, next_second: int) -> None:
@@ -102,7 +105,7 @@ class StreamingEncoder:
         self.drop(stream_id)
         row = self._allocate(stream_id)
         if needed:
-            self._advance(torch.tensor([row], device=self.device), tail[len(tail) - needed :].T[None])
+            self._advance(torch.tensor([row], device=self.device), tail[None, len(tail) - needed :])
         self._seconds[row] = next_second
 
     def drop(self, stream_id: str) -> None:
@@ -141,15 +144,19 @@ class StreamingEncoder:
             cache[row] = saved.to(cache)
         self._seconds[row] = seconds
 
-    def _advance(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Push L new input columns x [N, V, L] through the TCN of streams `rows`; the TCN's last K_max - 1 + L
-        outputs [N, C, K_max - 1 + L] come back for the heads."""
+    def _advance(self, rows: torch.Tensor, features: torch.Tensor) -> list[torch.Tensor]:
+        """Push L new seconds of features [N, L, V] through each member's TCN for streams `rows`; each member's last
+        K_max - 1 + L TCN outputs [N, C, K_max - 1 + L] come back for its heads."""
         caches = iter(range(len(self._caches)))
-        for block in self.ven.tcn.blocks:
-            out = block.relu1(_conv(block.conv1, self._push(next(caches), rows, x)))
-            out = block.relu2(_conv(block.conv2, self._push(next(caches), rows, out)))
-            x = block.relu(out + (x if block.downsample is None else _conv(block.downsample, x)))
-        return self._push(next(caches), rows, x)
+        windows = []
+        for ven in self.vens:
+            x = ven.whiten(features).transpose(1, 2)
+            for block in ven.tcn.blocks:
+                out = block.relu1(_conv(block.conv1, self._push(next(caches), rows, x)))
+                out = block.relu2(_conv(block.conv2, self._push(next(caches), rows, out)))
+                x = block.relu(out + (x if block.downsample is None else _conv(block.downsample, x)))
+            windows.append(self._push(next(caches), rows, x))
+        return windows
 
     def _push(self, index: int, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """Cache `index` of `rows` followed by new columns [N, C, L]; the cache keeps the window's last columns."""
@@ -158,19 +165,24 @@ class StreamingEncoder:
         cache[rows] = window[:, :, columns.shape[2] :]
         return window
 
-    def _moments(self, stream_ids: list[str], seconds: np.ndarray, window: torch.Tensor) -> list[Moment]:
-        """Run every head due at this second (x >= k and (x - k) % s == 0) on its streams' last k TCN outputs."""
+    def _moments(self, stream_ids: list[str], seconds: np.ndarray, windows: list[torch.Tensor]) -> list[Moment]:
+        """Run every head due at this second (x >= k and (x - k) % s == 0) on its streams' last k TCN outputs, in
+        every member; the members' values side by side."""
         kernels, strides = self._kernels, self._strides
         due = (seconds[:, None] >= kernels) & ((seconds[:, None] - kernels) % strides == 0)  # [streams, heads]
-        outs = []
-        for h in np.flatnonzero(due.any(axis=0)):
-            rows = torch.from_numpy(np.flatnonzero(due[:, h])).to(self.device)
-            outs.append(_conv(self.ven.heads[h], window[rows, :, -kernels[h] :]))
-        if not outs:
+        heads_due = np.flatnonzero(due.any(axis=0))
+        if not len(heads_due):
             return []
+        members = []
+        for ven, window in zip(self.vens, windows):
+            outs = []
+            for h in heads_due:
+                rows = torch.from_numpy(np.flatnonzero(due[:, h])).to(self.device)
+                outs.append(_conv(ven.heads[h], window[rows, :, -kernels[h] :]))
+            members.append(ven.net(torch.cat(outs)[:, :, 0]))
         heads, streams = np.nonzero(due.T)  # the order of outs
         order = np.argsort(streams, kind="stable")  # group by stream, heads still in preset order
-        values = self.ven.net(torch.cat(outs)[:, :, 0]).cpu().numpy()[order]
+        values = torch.cat(members, dim=1).cpu().numpy()[order]
         streams, heads = streams[order], heads[order]
         rows = zip(streams.tolist(), (seconds[streams] - kernels[heads]).tolist(), seconds[streams].tolist())
         codes = pack_signs(values)
@@ -191,11 +203,11 @@ class StreamingEncoder:
 
     def _features(self, features: torch.Tensor | np.ndarray, count: int | None = None) -> torch.Tensor:
         features = torch.as_tensor(features).to(self.device, self.dtype)
-        video_dim = self.ven.video_dim
+        video_dim = self.video_dim
         if features.dim() != 2 or features.shape[1] != video_dim or count not in (None, features.shape[0]):
             rows = "W" if count is None else count
             raise ValueError(f"expected features [{rows}, {video_dim}], got {list(features.shape)}")
-        return self.ven.whiten(features)
+        return features
 
 
 def _conv(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
@@ -208,14 +220,14 @@ def _conv(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
     return conv(window)
 
 
-def _inference_copy(model: CMHN, dtype: torch.dtype) -> VEN:
+def _inference_copy(source: VEN, config: CMHNConfig, dtype: torch.dtype) -> VEN:
     """A frozen eval-mode copy of the VEN without per-call overheads: weight norm folded into plain weights (else a
     step recomputes g * v / ||v|| per conv) and RReLU replaced by what it computes in eval mode, LeakyReLU at the mean
     slope. Built fresh (outside the caller's RNG stream), not deep-copied: removing a parametrization from a deep copy deletes the weight property from
     the class the copy shares with the original."""
     with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten; drawing them must not move a
-        ven = VEN(model.config).to(dtype)     # seeded training run that validates through the live logic
-    ven.load_state_dict(model.ven.state_dict())
+        ven = VEN(config).to(dtype)     # seeded training run that validates through the live logic
+    ven.load_state_dict(source.state_dict())
     for layer in [m for m in ven.modules() if parametrize.is_parametrized(m, "weight")]:
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     for parent in list(ven.modules()):
