@@ -24,6 +24,7 @@ latency stays bounded, drops are counted and every worker's memory stays flat af
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -36,7 +37,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.weights import published_extractor
+from pipeline.weights import published_checkpoint, published_extractor
 
 NAME = "e2e"
 TITLE = "live 720p streams through broker and workers with p99 capture-to-match latency under the bound"
@@ -48,6 +49,7 @@ WARMUP = 0
 STAGES = ("decode", "cnn", "kafka clients", "encoder", "matcher", "broker", "other")
 # the frame path users get: the published model's extractor, read from its config (the weights stay random)
 _PUBLISHED = published_extractor()
+_MEMBERS = json.loads((published_checkpoint() / "config.json").read_text()).get("members", 1)  # and its encoder's
 
 
 @dataclass(frozen=True)
@@ -107,21 +109,22 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _lite_checkpoint(path: Path, params: Params) -> Path:
-    """A lite CMHN with seeded random weights over the published model's frame extractor (by default): the timing
-    does not depend on training, and random codes keep the match-everything query's events coming (a trained
-    model's codes of one steady scene merge into one endless hit cluster)."""
+    """A lite CMHN with seeded random weights over the published model's frame extractor (by default), with as
+    many members as the published model: the timing does not depend on training, and random codes keep the
+    match-everything query's events coming (a trained model's codes of one steady scene merge into one endless hit
+    cluster)."""
     import torch
 
     from pipeline.features.backbone import FrameEncoder
     from pipeline.features.sentence import MODEL_NAME
-    from pipeline.model import build_cmhn, save_checkpoint
+    from pipeline.model import build_cmhn, ensemble, save_checkpoint
 
     torch.manual_seed(0)
     frames = FrameEncoder(frame_size=params.frame_size, sample_rate=params.sample_rate, device="cpu",
                           spatial_grid=params.spatial_grid, motion_grid=params.motion_grid,
                           motion_planes=params.motion_planes, motion_expansion=params.motion_expansion)
-    model = build_cmhn("lite", video_dim=frames.dim, motion_dim=frames.motion_dim)
-    return save_checkpoint(path, model, frames.identity(), MODEL_NAME)
+    members = [build_cmhn("lite", video_dim=frames.dim, motion_dim=frames.motion_dim) for _ in range(_MEMBERS)]
+    return save_checkpoint(path, ensemble(members) if len(members) > 1 else members[0], frames.identity(), MODEL_NAME)
 
 
 def _cpu(pid: int) -> tuple[float, dict[str, float]]:
