@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"vmh up: no checkpoint at {checkpoint}: pass another --checkpoint, or none for the published model",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the children as on Ctrl-C, rather than orphan them
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop the children, rather than orphan them; SIGINT too when this
+        signal.signal(sig, _interrupt)           # process was started with it ignored (a shell's background job)
     system, bootstrap, own_broker = start_system(args, checkpoint)
     print(f"vmh up: broker {bootstrap}, topics {args.topic_prefix}.*, workers "
           f"{', '.join(system.children)}; web view {address(args.ui_address, args.ui_port)}; Ctrl-C stops everything",
