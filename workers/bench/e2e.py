@@ -346,7 +346,8 @@ def measure(params: Params) -> dict:
         for worker in workers:
             stack.callback(worker.wait, 30)
             stack.callback(worker.terminate)
-        Client(bootstrap, prefix).add_query(code=bytes(16), query_id="everything", threshold=128)
+        bits = json.loads((checkpoint / "config.json").read_text())["bits"]  # the query must be of the model's length
+        Client(bootstrap, prefix).add_query(code=bytes(bits // 8), query_id="everything", threshold=bits)
         capacity = statistics.median(streams for streams, _ in decode_runs)
         runs, best, failed = [], 0, None
         searching_until = time.monotonic() + params.budget
