@@ -187,6 +187,20 @@ def test_cli_prints_json_and_fails_on_a_failed_check(capsys, monkeypatch):
     assert "made up" in capsys.readouterr().out
 
 
+def test_e2e_model_is_the_published_architecture_and_its_query_matches_every_moment(tmp_path):
+    import json
+
+    from workers.bench.e2e import Params, _lite_checkpoint, _match_everything
+    from pipeline.weights import published_checkpoint
+
+    published = json.loads((published_checkpoint() / "config.json").read_text())
+    checkpoint = _lite_checkpoint(tmp_path / "lite", Params())
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert (config["bits"], config.get("members", 1)) == (published["bits"], published.get("members", 1))
+    code, threshold = _match_everything(checkpoint)
+    assert len(code) * 8 == threshold == config["bits"]
+
+
 def test_e2e_search_doubles_until_a_count_fails_then_bisects():
     from workers.bench.e2e import next_count
 

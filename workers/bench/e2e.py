@@ -127,6 +127,13 @@ def _lite_checkpoint(path: Path, params: Params) -> Path:
     return save_checkpoint(path, ensemble(members) if len(members) > 1 else members[0], frames.identity(), MODEL_NAME)
 
 
+def _match_everything(checkpoint: Path) -> tuple[bytes, int]:
+    """A standing query every moment of the checkpoint's model matches: a code of its length at the largest
+    distance (a code of another length is refused by the query worker, and then nothing matches)."""
+    bits = json.loads((checkpoint / "config.json").read_text())["bits"]
+    return bytes(bits // 8), bits
+
+
 def _cpu(pid: int) -> tuple[float, dict[str, float]]:
     """CPU seconds of process ``pid`` so far (ended threads included) and of each live thread, by "tid name"."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -346,8 +353,8 @@ def measure(params: Params) -> dict:
         for worker in workers:
             stack.callback(worker.wait, 30)
             stack.callback(worker.terminate)
-        bits = json.loads((checkpoint / "config.json").read_text())["bits"]  # the query must be of the model's length
-        Client(bootstrap, prefix).add_query(code=bytes(bits // 8), query_id="everything", threshold=bits)
+        code, threshold = _match_everything(checkpoint)
+        Client(bootstrap, prefix).add_query(code=code, query_id="everything", threshold=threshold)
         capacity = statistics.median(streams for streams, _ in decode_runs)
         runs, best, failed = [], 0, None
         searching_until = time.monotonic() + params.budget
