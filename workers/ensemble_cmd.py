@@ -16,9 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.model import CheckpointError, join_checkpoints
 
-    if len(args.members) < 2:
-        print("vmh ensemble: an ensemble joins two or more checkpoints", file=sys.stderr)
-        return 2
     try:
         path = join_checkpoints(args.members, args.out)
     except CheckpointError as e:

@@ -104,7 +104,7 @@ class SecondPooler:
     def flush(self, stream_id: str | None = None) -> list[PooledSecond]:
         """End of a stream (or of all streams): emit what is still open."""
         names = list(self._open) if stream_id is None else [stream_id] if stream_id in self._open else []
-        for name in [stream_id] if stream_id is not None else list({*self._emitted, *self._gap}):
+        for name in [stream_id] if stream_id is not None else list(self._emitted):  # a straggler's gap is of one of them
             self._emitted.pop(name, None)
             self._gap.pop(name, None)
         return _finish([(name, self._open.pop(name)) for name in names], self.motion_dim)

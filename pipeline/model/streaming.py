@@ -173,12 +173,10 @@ class StreamingEncoder:
         heads_due = np.flatnonzero(due.any(axis=0))
         if not len(heads_due):
             return []
+        head_rows = [torch.from_numpy(np.flatnonzero(due[:, h])).to(self.device) for h in heads_due]  # once, not per member
         members = []
         for ven, window in zip(self.vens, windows):
-            outs = []
-            for h in heads_due:
-                rows = torch.from_numpy(np.flatnonzero(due[:, h])).to(self.device)
-                outs.append(_conv(ven.heads[h], window[rows, :, -kernels[h] :]))
+            outs = [_conv(ven.heads[h], window[r, :, -kernels[h] :]) for h, r in zip(heads_due, head_rows)]
             members.append(ven.net(torch.cat(outs)[:, :, 0]))
         heads, streams = np.nonzero(due.T)  # the order of outs
         order = np.argsort(streams, kind="stable")  # group by stream, heads still in preset order
