@@ -179,7 +179,7 @@ def test_a_stream_that_ends_mid_cluster_publishes_it_at_once_and_is_freed():
     m.apply_queries([("red", query("red", "red ", threshold=0))])
     events, _ = m.process([moment("s", 0, 4, list(b"red ")), moment("s", 3, 5, [0, 0, 0, 0], last=True)])
     assert events_of(events) == [("red", "s", 0, 4, 0)]
-    assert m.merger.state()["streams"] == {} and len(m) == 0
+    assert m.merger.streams() == [] and len(m) == 0
 
 
 def test_a_new_session_flushes_the_old_one():
@@ -198,7 +198,7 @@ def test_idle_streams_are_flushed_and_evicted():
     now[0] = 100.0
     events, _ = m.process([moment("t", 0, 1, [0, 0, 0, 0])])
     assert events_of(events) == [("red", "s", 0, 4, 0)]
-    assert set(m.merger.state()["streams"]) <= {"t"}
+    assert set(m.merger.streams()) <= {"t"}
 
 
 def test_an_end_marker_ends_the_stream_without_being_a_moment():
