@@ -123,6 +123,22 @@ def test_train_saves_a_loadable_checkpoint(data: Path, checkpoint: Path) -> None
     assert torch.load(state_path(checkpoint), weights_only=True)["epoch"] == 2
 
 
+def test_train_backwards_adds_every_training_video_played_backwards(data: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    args = ["train", "--dataset", f"activitynet:{data / 'train.json'}", "--features", str(data / "features"),
+            "--epochs", "1", "--no-progress", "--device", "cpu", "--cache-dir", str(data / "cache")]
+    assert vmh([*args, "--out", str(tmp_path / "ckpt"), "--backwards"]) == 0
+    assert load_checkpoint(tmp_path / "ckpt")[1]["extra"]["backwards"] is True
+    capsys.readouterr()
+    charades = tmp_path / "train.json"  # captions without synthetic labels: no reverse to play
+    charades.write_text(json.dumps({vid: {k: v for k, v in entry.items() if k != "labels"}
+                                    for vid, entry in json.loads((data / "train.json").read_text()).items()}))
+    args[2] = f"activitynet:{charades}"
+    assert vmh([*args, "--val", f"activitynet:{data / 'val.json'}", "--out", str(tmp_path / "other"),
+                "--backwards"]) == 2
+    assert "has no synthetic label (None) to play backwards" in capsys.readouterr().err
+
+
 def test_eval_reports_every_labelled_recall(data: Path, checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["eval", "--checkpoint", str(checkpoint), "--dataset", f"activitynet:{data / 'test.json'}",
             "--features", str(data / "features"), "--device", "cpu", "--cache-dir", str(data / "cache"), "--json"]

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{what} [default: {recipe[name]}]")
     parser.add_argument("--select", choices=("alerts", "recall"), default=None,
                         help=f"what picks the epoch kept: validation alert F1 or R@1 [default: {recipe['select']}]")
+    parser.add_argument("--backwards", action="store_true",
+                        help="also train on every training video played backwards, its actions reversed (synthetic "
+                             "datasets: left and right, up and down, grow and shrink)")
     parser.add_argument("--published", action="store_true",
                         help="the CMHN reference's recipe: one video a step, its loss alone, best R@1 kept")
     parser.add_argument("--resume", action="store_true", help="continue the run at --out from its training state")
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.device import DeviceUnavailable, pick_device
     from pipeline.features.sentence import SentenceEncoder
     from pipeline.model import CheckpointError
+    from pipeline.training.backwards import with_backwards
     from pipeline.training.evaluate import build_samples
     from pipeline.training.extract import FeatureError, FeatureSet
     from pipeline.training.train import TrainError, TrainOptions, train
@@ -63,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         features = FeatureSet.open(args.features)
         sentences = SentenceEncoder(str(device), cache_dir=args.cache_dir)
-        train_samples = build_samples(load_dataset(kind, path), features, sentences.encode, device)
+        train_videos, train_features = load_dataset(kind, path), features
+        if args.backwards:
+            train_videos, train_features = with_backwards(train_videos, features)
+        train_samples = build_samples(train_videos, train_features, sentences.encode, device)
         val_samples = build_samples(load_dataset(val_kind, val_path), features, sentences.encode, device)
         recipe = {name: value for name in ("videos_per_step", "step_videos", "negative_weight", "contrastive_weight",
                                            "whiten", "select")
@@ -77,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             sentence_encoder=sentences.identity()["sentence_encoder"],
             resume=args.resume,
             progress=not args.no_progress,
-            extra={"dataset": args.dataset, "val": val_spec, "features": str(args.features)},
+            extra={"dataset": args.dataset, "val": val_spec, "features": str(args.features),
+                   **({"backwards": True} if args.backwards else {})},
         )  # fmt: skip
     except (ValueError, OSError, DeviceUnavailable, FeatureError, CheckpointError, TrainError) as e:
         print(f"vmh train: {e}", file=sys.stderr)

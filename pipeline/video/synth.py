@@ -58,6 +58,7 @@ VERBS: dict[str, tuple[str, ...]] = {
     "shrink": ("shrinks", "gets smaller", "contracts"),
 }
 PHRASINGS = min(map(len, NOUNS.values())) * min(map(len, VERBS.values()))  # captions every event has at least
+REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink", "shrink": "grow"}
 _DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _COS72 = math.cos(math.radians(72))
 _STAR_ANGLES = -math.pi / 2 + 2 * math.pi * np.arange(5) / 5
@@ -148,6 +149,29 @@ def describe(event: Event) -> list[str]:
 def label(event: Event) -> str:
     """The kind of an event, e.g. "red circle left": what all its phrasings have in common."""
     return f"{event.colour} {event.shape} {event.action}"
+
+
+def played_backwards(video: Video, length: float, video_id: str) -> Video:
+    """The annotations of a synthetic video played backwards from ``length`` seconds (the end of its last feature
+    row): spans mirrored about it and kept within the video, every action its reverse in caption and label (a shape
+    moving left, played backwards, moves right; one that grows, shrinks), the phrasing kept."""
+    annotations = []
+    for a in video.annotations:
+        label = a.label.split() if a.label else []
+        if len(label) != 3 or label[2] not in REVERSE:
+            raise SynthError(f"{video.video_id}: {a.sentence!r} has no synthetic label ({a.label!r}) to play backwards")
+        spans = tuple((min(max(length - end, 0.0), video.duration), min(max(length - start, 0.0), video.duration))
+                      for start, end in a.spans)
+        annotations.append(Annotation(_reversed_caption(a.sentence, label[2]), spans,
+                                      label=" ".join([*label[:2], REVERSE[label[2]]])))
+    return Video(video_id, video.duration, tuple(annotations))
+
+
+def _reversed_caption(caption: str, action: str) -> str:
+    for i, phrase in enumerate(VERBS[action]):
+        if caption.endswith(" " + phrase):
+            return caption[: -len(phrase)] + VERBS[REVERSE[action]][i]
+    raise SynthError(f"{caption!r} does not end in a phrasing of {action!r}")
 
 
 def sample_events(
