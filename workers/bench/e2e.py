@@ -34,7 +34,7 @@ import time
 import urllib.request
 import uuid
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipeline.weights import published_checkpoint, published_extractor
@@ -47,9 +47,10 @@ TARGET = 0.75  # of what decoding alone allows, with the CNN, encoder, matcher a
 REPEATS = 1
 WARMUP = 0
 STAGES = ("decode", "cnn", "kafka clients", "encoder", "matcher", "broker", "other")
-# the frame path users get: the published model's extractor, read from its config (the weights stay random)
-_PUBLISHED = published_extractor()
-_MEMBERS = json.loads((published_checkpoint() / "config.json").read_text()).get("members", 1)  # and its encoder's
+# the frame path users get: the published model's extractor, read from its config when a run starts (the weights
+# stay random); these values of the frame-path parameters mean "the published model's"
+_PUBLISHED = {"sample_rate": 0.0, "frame_size": 0, "spatial_grid": 0, "motion_grid": -1, "motion_planes": "",
+              "motion_expansion": ""}
 
 
 @dataclass(frozen=True)
@@ -64,17 +65,17 @@ class Params:
                                                              "largest count within the bound found by then"})
     producers: int = field(default=0, metadata={"help": "producer processes the streams are spread over; 0: one "
                                                         "per core (fewer when there are fewer streams)"})
-    sample_rate: float = field(default=_PUBLISHED["sample_rate"], metadata={"help": "frames sampled per second of "
-                                                                                  "each stream (the published model's)"})
-    frame_size: int = field(default=_PUBLISHED["frame_size"], metadata={"help": "CNN input size"})
-    spatial_grid: int = field(default=_PUBLISHED["spatial_grid"], metadata={"help": "cells a side of the CNN feature "
-                                                                                 "map also pooled"})
-    motion_grid: int = field(default=_PUBLISHED["motion_grid"], metadata={"help": "cells a side of the optical-flow "
-                                                                               "features (0: none)"})
-    motion_planes: str = field(default=_PUBLISHED["motion_planes"], metadata={"help": "planes the flow is taken on "
-                                                                                   "(yuv or y)"})
-    motion_expansion: str = field(default=_PUBLISHED["motion_expansion"], metadata={"help": "how a motion cell "
-                                                                                         "measures growing"})
+    sample_rate: float = field(default=0.0, metadata={"help": "frames sampled per second of each stream (0: the "
+                                                              "published model's)"})
+    frame_size: int = field(default=0, metadata={"help": "CNN input size (0: the published model's)"})
+    spatial_grid: int = field(default=0, metadata={"help": "cells a side of the CNN feature map also pooled (0: the "
+                                                           "published model's)"})
+    motion_grid: int = field(default=-1, metadata={"help": "cells a side of the optical-flow features (0: none; -1: "
+                                                           "the published model's)"})
+    motion_planes: str = field(default="", metadata={"help": "planes the flow is taken on, yuv or y (empty: the "
+                                                             "published model's)"})
+    motion_expansion: str = field(default="", metadata={"help": "how a motion cell measures growing (empty: the "
+                                                                "published model's)"})
     soak: float = field(default=0.0, metadata={"help": "then run an overload soak this many seconds (0: none)"})
     soak_streams: int = field(default=0, metadata={"help": "streams of the soak, skipping the search; 0: twice the "
                                                            "capacity found"})
@@ -108,6 +109,13 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+def with_published_frame_path(params: Params) -> Params:
+    """``params`` with every frame-path parameter left unset taken from the published model's extractor."""
+    published = published_extractor()
+    return replace(params, **{name: published[name] for name, unset in _PUBLISHED.items()
+                              if getattr(params, name) == unset})
+
+
 def _lite_checkpoint(path: Path, params: Params) -> Path:
     """A lite CMHN with seeded random weights over the published model's frame extractor (by default), with as
     many members as the published model: the timing does not depend on training, and random codes keep the
@@ -119,11 +127,13 @@ def _lite_checkpoint(path: Path, params: Params) -> Path:
     from pipeline.features.sentence import MODEL_NAME
     from pipeline.model import build_cmhn, ensemble, save_checkpoint
 
+    params = with_published_frame_path(params)
+    members = json.loads((published_checkpoint() / "config.json").read_text()).get("members", 1)
     torch.manual_seed(0)
     frames = FrameEncoder(frame_size=params.frame_size, sample_rate=params.sample_rate, device="cpu",
                           spatial_grid=params.spatial_grid, motion_grid=params.motion_grid,
                           motion_planes=params.motion_planes, motion_expansion=params.motion_expansion)
-    members = [build_cmhn("lite", video_dim=frames.dim, motion_dim=frames.motion_dim) for _ in range(_MEMBERS)]
+    members = [build_cmhn("lite", video_dim=frames.dim, motion_dim=frames.motion_dim) for _ in range(members)]
     return save_checkpoint(path, ensemble(members) if len(members) > 1 else members[0], frames.identity(), MODEL_NAME)
 
 
@@ -331,6 +341,7 @@ def measure(params: Params) -> dict:
     from workers.bench.decode import bigbuckbunny, looped
     from workers.bench.runner import machine
 
+    params = with_published_frame_path(params)
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmh-e2e-")))
         video = str(tmp / "bbb-720p.mp4")
