@@ -371,9 +371,12 @@ def measure(params: Params) -> dict:
         searching_until = time.monotonic() + params.budget
         n: int | None = 0 if params.soak_streams else max(1, round(capacity / 2))
         while n and time.monotonic() < searching_until:
-            run = _run_streams(n, params.seconds, video, env, params, prefix, tmp, workers, broker)
-            run["within_bound"] = _within(run, params)
-            runs.append(run)
+            for _ in range(2):  # a count that fails is tried once more: one pause of a shared machine is no limit
+                run = _run_streams(n, params.seconds, video, env, params, prefix, tmp, workers, broker)
+                run["within_bound"] = _within(run, params)
+                runs.append(run)
+                if run["within_bound"] or time.monotonic() >= searching_until:
+                    break
             if run["within_bound"]:
                 best = n
             else:
