@@ -38,8 +38,8 @@ def test_played_backwards_reverses_each_action_in_its_own_phrasing_and_mirrors_s
     assert back.annotations[0].spans == ((3.5, 7.0),)
     assert back.annotations[-1].spans == ((1.0, 5.0),)
     assert played_backwards(back, 8, "v") == video
-    clipped = played_backwards(Video("w", 7.5, (Annotation("a red disc shrinks", ((0.25, 3.0),), label="red circle shrink"),)),
-                               8, "w2")
+    shrinking = Annotation("a red disc shrinks", ((0.25, 3.0),), label="red circle shrink")
+    clipped = played_backwards(Video("w", 7.5, (shrinking,)), 8, "w2")
     assert clipped.annotations[0].spans == ((5.0, 7.5),)  # mirrored about 8 s, kept within the 7.5 s video
     assert set(REVERSE) == set(VERBS) and all(REVERSE[REVERSE[a]] == a for a in REVERSE)
 
@@ -48,7 +48,8 @@ def test_a_caption_without_a_synthetic_label_cannot_be_played_backwards() -> Non
     with pytest.raises(SynthError, match="has no synthetic label"):
         played_backwards(Video("v", 5.0, (Annotation("a person opens a door", ((1.0, 2.0),)),)), 5, "b")
     with pytest.raises(SynthError, match="does not end in a phrasing of 'grow'"):
-        played_backwards(Video("v", 5.0, (Annotation("a red disc spins", ((1.0, 2.0),), label="red circle grow"),)), 5, "b")
+        spinning = Annotation("a red disc spins", ((1.0, 2.0),), label="red circle grow")
+        played_backwards(Video("v", 5.0, (spinning,)), 5, "b")
 
 
 def test_backwards_features_reverse_rows_and_negate_only_the_motion_tail() -> None:

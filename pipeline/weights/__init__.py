@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).parent
-LITE_SYNTH = "lite-synth-v5"  # a lite model on synthetic data (generator version 2) and its backwards copy, 160 px, 2 fps, motion 4 x 4
+LITE_SYNTH = "lite-synth-v5"  # one lite model, synthetic videos and their backwards copies, 160 px, 2 fps, motion 4 x 4
 
 
 def names() -> list[str]:
