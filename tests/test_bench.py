@@ -190,11 +190,11 @@ def test_cli_prints_json_and_fails_on_a_failed_check(capsys, monkeypatch):
 def test_e2e_model_is_the_published_architecture_and_its_query_matches_every_moment(tmp_path):
     import json
 
-    from workers.bench.e2e import Params, _lite_checkpoint, _match_everything
+    from workers.bench.e2e import Params, _lite_checkpoint, _match_everything, with_published_frame_path
     from pipeline.weights import published_checkpoint
 
     published = json.loads((published_checkpoint() / "config.json").read_text())
-    checkpoint = _lite_checkpoint(tmp_path / "lite", Params())
+    checkpoint = _lite_checkpoint(tmp_path / "lite", with_published_frame_path(Params()))
     config = json.loads((checkpoint / "config.json").read_text())
     assert (config["bits"], config.get("members", 1)) == (published["bits"], published.get("members", 1))
     code, threshold = _match_everything(checkpoint)

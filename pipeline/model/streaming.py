@@ -224,7 +224,7 @@ def _inference_copy(source: VEN, config: CMHNConfig, dtype: torch.dtype) -> VEN:
     slope. Built fresh (outside the caller's RNG stream), not deep-copied: removing a parametrization from a deep copy deletes the weight property from
     the class the copy shares with the original."""
     with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten; drawing them must not move a
-        ven = VEN(config).to(dtype)     # seeded training run that validates through the live logic
+        ven = VEN(config).to(dtype)  # seeded training run that validates through the live logic
     ven.load_state_dict(source.state_dict())
     for layer in [m for m in ven.modules() if parametrize.is_parametrized(m, "weight")]:
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)

@@ -49,7 +49,7 @@ WARMUP = 0
 STAGES = ("decode", "cnn", "kafka clients", "encoder", "matcher", "broker", "other")
 # the frame path users get: the published model's extractor, read from its config when a run starts (the weights
 # stay random); these values of the frame-path parameters mean "the published model's"
-_PUBLISHED = {"sample_rate": 0.0, "frame_size": 0, "spatial_grid": 0, "motion_grid": -1, "motion_planes": "",
+_FROM_PUBLISHED = {"sample_rate": 0.0, "frame_size": 0, "spatial_grid": 0, "motion_grid": -1, "motion_planes": "",
               "motion_expansion": ""}
 
 
@@ -112,13 +112,13 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 def with_published_frame_path(params: Params) -> Params:
     """``params`` with every frame-path parameter left unset taken from the published model's extractor."""
     published = published_extractor()
-    return replace(params, **{name: published[name] for name, unset in _PUBLISHED.items()
+    return replace(params, **{name: published[name] for name, unset in _FROM_PUBLISHED.items()
                               if getattr(params, name) == unset})
 
 
 def _lite_checkpoint(path: Path, params: Params) -> Path:
-    """A lite CMHN with seeded random weights over the published model's frame extractor (by default), with as
-    many members as the published model: the timing does not depend on training, and random codes keep the
+    """A lite CMHN with seeded random weights over the frame path of ``params`` (``with_published_frame_path``),
+    with as many members as the published model: the timing does not depend on training, and random codes keep the
     match-everything query's events coming (a trained model's codes of one steady scene merge into one endless hit
     cluster)."""
     import torch
@@ -127,13 +127,12 @@ def _lite_checkpoint(path: Path, params: Params) -> Path:
     from pipeline.features.sentence import MODEL_NAME
     from pipeline.model import build_cmhn, ensemble, save_checkpoint
 
-    params = with_published_frame_path(params)
-    members = json.loads((published_checkpoint() / "config.json").read_text()).get("members", 1)
+    count = json.loads((published_checkpoint() / "config.json").read_text()).get("members", 1)
     torch.manual_seed(0)
     frames = FrameEncoder(frame_size=params.frame_size, sample_rate=params.sample_rate, device="cpu",
                           spatial_grid=params.spatial_grid, motion_grid=params.motion_grid,
                           motion_planes=params.motion_planes, motion_expansion=params.motion_expansion)
-    members = [build_cmhn("lite", video_dim=frames.dim, motion_dim=frames.motion_dim) for _ in range(members)]
+    members = [build_cmhn("lite", video_dim=frames.dim, motion_dim=frames.motion_dim) for _ in range(count)]
     return save_checkpoint(path, ensemble(members) if len(members) > 1 else members[0], frames.identity(), MODEL_NAME)
 
 
