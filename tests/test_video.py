@@ -249,8 +249,31 @@ def test_timeline_resumes_from_wall_clock_after_a_hole() -> None:
     timeline.anchor = "resume"  # reconnected: the new session's PTS restart at 0, 3 s of wall clock later
     assert timeline.place(0.0, now=103.04) == pytest.approx(3.04)
     assert timeline.pending_gap == pytest.approx(2.96)
-    timeline.rebase_if_discontinuous(500.0, now=103.08, max_jump=10)  # PTS jump inside a live session
+    timeline.rebase_if_discontinuous(500.0, now=103.08, live=True, max_jump=10)  # PTS jump inside a live session
     assert timeline.place(500.0, now=103.08) == pytest.approx(3.08)
+
+
+def test_a_files_timestamps_that_jump_back_continue_its_media_time(tmp_path: Path) -> None:
+    """Two MPEG-TS segments joined into one file, both with clocks from 0 (an encoder restarted mid-recording):
+    every second of both is sampled, in order. Before, the second segment's frames were dropped as sampled already."""
+    first, second = render(tmp_path / "a.ts", cfr(3), fmt="mpegts"), render(tmp_path / "b.ts", cfr(3), fmt="mpegts")
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    frames = [f for f in VideoSource(str(joined), options=SourceOptions(sample_rate=2)) if isinstance(f, SampledFrame)]
+    assert [f.second for f in frames] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert np.all(np.diff([f.media_time for f in frames]) > 0)
+    nearest = [int(np.abs(COLOURS.astype(int) - f.rgb[0, 0]).sum(1).argmin()) for f in frames[::2]]
+    assert nearest == [0, 1, 2, 0, 1, 2]  # each segment's own seconds, in its own order
+
+
+def test_a_files_timestamps_that_jump_forward_are_a_real_gap() -> None:
+    timeline = _Timeline(sample_rate=2)
+    timeline.place(0.0, now=0.0)
+    timeline.rebase_if_discontinuous(30.0, now=0.04, live=False, max_jump=10)  # a still screen, 30 s long
+    assert timeline.place(30.0, now=0.04) == 30.0
+    timeline.place(30.04, now=0.08)
+    timeline.rebase_if_discontinuous(90.0, now=0.12, live=True, max_jump=10)  # live: a clock that jumped
+    assert timeline.place(90.0, now=0.12) == pytest.approx(30.08)
 
 
 def test_timeline_needs_only_the_first_presented_packet_of_each_slot() -> None:

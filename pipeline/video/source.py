@@ -190,10 +190,16 @@ class _Timeline:
         self.last_media, self.last_wall = media, now
         return media
 
-    def rebase_if_discontinuous(self, t: float, now: float, max_jump: float) -> None:
-        """A live stream whose timestamps jump (wrap, encoder restart) is re-anchored to the wall clock."""
-        if self.last_media is not None and not 0 <= t + self.offset - self.last_media <= max_jump:
-            self.anchor = "resume"
+    def rebase_if_discontinuous(self, t: float, now: float, live: bool, max_jump: float) -> None:
+        """Timestamps that jump back (a wrap, an encoder restart, segments joined into one file) are re-anchored: a
+        live stream's to the wall clock, a file's to just after its last frame; otherwise every frame until the
+        clock caught up again would be dropped as already sampled. A live stream's jump forward beyond ``max_jump``
+        is re-anchored too; a file's is a real gap in its media (a still screen in a recording)."""
+        if self.last_media is None:
+            return
+        step = t + self.offset - self.last_media
+        if step < 0 or (live and step > max_jump):
+            self.anchor = "resume" if live else "loop"
 
     def _anchor(self, t: float, now: float) -> None:
         if self.anchor == "start":
@@ -419,8 +425,7 @@ class VideoSource:
                     t = frame.time
                     if t is None:  # no timestamp: assume the nominal spacing
                         t = (timeline.last_media or 0.0) - timeline.offset + timeline.interval
-                    if self.live:
-                        timeline.rebase_if_discontinuous(t, now, stall)
+                    timeline.rebase_if_discontinuous(t, now, self.live, stall)
                     media = timeline.place(t, now)
                     lag = timeline.lag(media, now, paced)
                     if shed_from is not None and not frame.key_frame:
