@@ -149,7 +149,7 @@ _DECLARED = [
     Setting("ui-keyframe-memory", 256.0, "megabytes of key frames the web view keeps in memory, newest first", float),
     # model
     Setting("preset", "lite", "CMHN preset: lite, tacos or activitynet"),
-    Setting("checkpoint", "", "CMHN checkpoint directory, or the name of a published one (lite-synth-v5; vmh up "
+    Setting("checkpoint", "", "CMHN checkpoint directory, or the name of a published one (lite-synth-v6; vmh up "
             "serves it when none is given)", checkpoint_location),
 ]
 

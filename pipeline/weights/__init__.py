@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).parent
-LITE_SYNTH = "lite-synth-v5"  # one lite model, synthetic videos and their backwards copies, 160 px, 2 fps, motion 4 x 4
+LITE_SYNTH = "lite-synth-v6"  # two lite models, synthetic videos and their backwards copies, 160 px, 2 fps, motion 4x4
 
 
 def names() -> list[str]:
