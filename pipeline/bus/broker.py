@@ -431,6 +431,9 @@ def _is_our_broker(state: BrokerState) -> bool:
     """True when ``state.pid`` is alive and is the kafka.Kafka process of that data dir (pids get reused)."""
     import psutil
 
+    child = _CHILDREN.get(state.pid)
+    if child is not None:  # started here: its handle knows, where /proc may be read while the java launcher re-execs
+        return child.poll() is None
     try:
         proc = psutil.Process(state.pid)
         props = str(Path(state.data_dir) / "server.properties")
