@@ -86,7 +86,9 @@ class MultiSource:
             return
         self._put(StreamEnded(source.stream_id))
 
-    def batches(self, max_items: int = 32, stop: threading.Event | None = None, wait: float = 0.0) -> Iterator[list[Item]]:
+    def batches(
+        self, max_items: int = 32, stop: threading.Event | None = None, wait: float = 0.0
+    ) -> Iterator[list[Item]]:
         """Lists of up to ``max_items`` items: blocks for the first, then takes what is queued or arrives within
         ``wait`` seconds of it. Streams that keep up deliver their frames one at a time, and a CNN costs about 1.5
         times as much per frame run alone as in a batch of four: a short wait buys that back for as much latency.

@@ -50,7 +50,7 @@ STAGES = ("decode", "cnn", "kafka clients", "encoder", "matcher", "broker", "oth
 # the frame path users get: the published model's extractor, read from its config when a run starts (the weights
 # stay random); these values of the frame-path parameters mean "the published model's"
 _FROM_PUBLISHED = {"sample_rate": 0.0, "frame_size": 0, "spatial_grid": 0, "motion_grid": -1, "motion_planes": "",
-              "motion_expansion": ""}
+                   "motion_expansion": ""}
 
 
 @dataclass(frozen=True)
