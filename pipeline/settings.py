@@ -131,8 +131,6 @@ _DECLARED = [
     Setting("motion-expansion", "affine", "how a motion cell measures growing and shrinking: affine (the expansion "
             "rate of an affine fit of its moving pixels) or divergence (its mean flow divergence, the first form, "
             "blind to a shape growing inside the cell)", one_of(*MOTION_EXPANSIONS)),
-    Setting("batch-wait", 0.0, "seconds a producer's CNN batch waits after its first frame for more frames: fewer, "
-            "larger batches cost less CPU a frame, for that much latency", float),
     Setting("open-timeout", 10.0, "seconds to wait for a video source to connect and send its headers", float),
     Setting("stall-timeout", 10.0, "seconds without video data or frames before a live source reconnects", float),
     Setting("max-lag", 2.0, "seconds a live stream's frames may fall behind their capture before the producer drops "

@@ -237,39 +237,6 @@ def test_multisource_close_stops_endless_streams(clip: Path) -> None:
     assert not any(t.is_alive() for t in multi._threads)
 
 
-class _Trickle:
-    """A source that delivers ``count`` frames ``every`` seconds apart, as a live stream that keeps up does."""
-
-    live, options = True, SourceOptions()
-
-    def __init__(self, stream_id: str, count: int, every: float) -> None:
-        self.stream_id, self.count, self.every = stream_id, count, every
-
-    def __iter__(self):
-        for i in range(self.count):
-            time.sleep(self.every)
-            yield SampledFrame(self.stream_id, i, float(i), time.time(), np.zeros((2, 2, 3), np.uint8))
-
-    def stop(self) -> None:
-        pass
-
-
-def frames_per_batch(wait: float, max_items: int = 64) -> list[int]:
-    with MultiSource([_Trickle("s", 12, 0.05)]) as multi:
-        return [sum(isinstance(item, SampledFrame) for item in batch) for batch in multi.batches(max_items, wait=wait)]
-
-
-def test_batches_wait_for_frames_that_trickle_in() -> None:
-    alone = frames_per_batch(wait=0)
-    assert sum(alone) == 12 and max(alone) <= 2  # without a wait, each frame goes alone
-    gathered = frames_per_batch(wait=0.3)
-    assert sum(gathered) == 12 and len(gathered) <= 4 and gathered[0] >= 4
-    with MultiSource([_Trickle("s", 12, 0.05)]) as multi:  # a full batch does not wait out the rest
-        started = time.monotonic()
-        assert len(next(multi.batches(3, wait=5))) == 3
-        assert time.monotonic() - started < 2
-
-
 def test_multisource_rejects_duplicate_ids(clip: Path) -> None:
     with pytest.raises(ValueError, match="unique"):
         MultiSource([VideoSource(str(clip), "a"), VideoSource(str(clip), "a")])

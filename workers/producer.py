@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realtime", action="store_true", help="pace files as if they were live")
     parser.add_argument("--loop", action="store_true", help="repeat files forever")
     parser.add_argument("--batch-frames", type=int, default=64, help="most frames per CNN batch, across streams")
-    add_settings(parser, "checkpoint", "batch-wait", "sample-rate", "frame-size", "spatial-grid", "motion-grid", "motion-planes", "motion-expansion", "backbone", "backbone-weights", "device",
+    add_settings(parser, "checkpoint", "sample-rate", "frame-size", "spatial-grid", "motion-grid", "motion-planes", "motion-expansion", "backbone", "backbone-weights", "device",
                  "torch-threads", "open-timeout", "stall-timeout", "max-lag", "bootstrap-servers", "topic-prefix", "metrics-port",
                  "metrics-address", "health-deadline", "bus-timeout", "keyframes", "keyframe-size")
 
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("producer running", extra={"fields": {"session": featurizer.session, "extractor": featurizer.extractor}})
     try:
         with MultiSource(sources) as streams:
-            for items in streams.batches(args.batch_frames, stop, args.batch_wait):
+            for items in streams.batches(args.batch_frames, stop):
                 metrics.HEARTBEAT.beat()  # a batch of decoded frames, or a stream's end, came through
                 started, cpu = time.perf_counter(), time.thread_time()
                 done = featurizer.process(items)
