@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from contextlib import ExitStack
 
 import numpy as np
@@ -222,3 +223,11 @@ def test_e2e_cpu_stages_count_ended_decode_threads_and_split_the_main_thread():
     cores = _Workers.stages(first, last)
     assert cores["cnn"] == 0.6 and cores["kafka clients"] == 0.2 and cores["other"] == 0.1
     assert cores["decode"] == 1.1 and cores["encoder"] == 0.3  # 20 s of the process less main and Kafka threads
+
+
+def test_streams_are_dealt_round_robin_over_one_producer_per_core():
+    from workers.up import spread
+
+    assert spread(["a", "b", "c", "d", "e"], 2) == [["a", "c", "e"], ["b", "d"]]
+    assert spread(["a"], 4) == [["a"]]  # no producer without streams
+    assert len(spread([str(i) for i in range(24)])) == min(24, os.cpu_count() or 1)

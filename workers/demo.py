@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.model.checkpoint import calibrated_threshold
     from pipeline.training.alerts import AlertJudge, Truth
     from workers.ui import address
-    from workers.up import start_system, wait_until_consuming
+    from workers.up import start_producers, start_system, wait_until_consuming
 
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the demo prints its own story; workers log to stderr
     cache = Path(args.cache_dir) / "demo"
@@ -126,10 +125,7 @@ def run(args: argparse.Namespace) -> int:
         sources = [f"{v.video_id}={data / 'videos' / v.video_id}.mp4" for v in streamed]
         judge = AlertJudge(truth)
         started = time.time()
-        # one producer per core, as a deployment spreads streams: a producer's CNN runs on one thread, and one
-        # producer for all 24 streams fell behind on a 2-core AMD EPYC (events 3 to 7 s after capture, recall 0.62)
-        count = min(len(sources), os.cpu_count() or 1)
-        producers = [system.start(f"producer {i}", "producer", *sources[i::count], "--realtime") for i in range(count)]
+        producers = start_producers(system, sources, "--realtime")
         _follow(subscription, producers, ids, judge, started, max(v.duration for v in streamed))
         subscription.close()
     finally:

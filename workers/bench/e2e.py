@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipeline.weights import published_checkpoint, published_extractor
+from workers.up import spread
 
 NAME = "e2e"
 TITLE = "live 720p streams through broker and workers with p99 capture-to-match latency under the bound"
@@ -255,11 +256,9 @@ def _run_streams(n: int, seconds: float, video: str, env: dict, params: Params, 
     for tp in matches.assignment():
         matches.position(tp)
     ids = [f"n{n}-{i}" for i in range(n)]
-    count = min(n, params.producers or os.cpu_count() or 1)
     producers = []
-    for p in range(count):
+    for p, streams in enumerate(spread([f"{i}={video}" for i in ids], params.producers)):
         port = _free_port()
-        streams = [f"{i}={video}" for i in ids[p::count]]
         producers.append((_spawn(["producer", *streams, "--realtime", "--loop", "--metrics-port", str(port)], env,
                                  tmp / f"producer{n}-{p}.log"), port))
     watched = _Workers(producers, workers[0].pid, workers[1].pid, broker)
