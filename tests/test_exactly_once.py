@@ -7,6 +7,7 @@ output is known in closed form, so any lost, duplicated or mis-counted record sh
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -16,6 +17,7 @@ import uuid
 from collections import Counter, defaultdict
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import MemberToRemove, NewPartitions
 
 from pipeline.bus.kafka import (
     ExactlyOnceProcessor, Outgoing, admin_client, at_least_once_producer, connect, read_committed_consumer, read_range,
@@ -292,4 +294,54 @@ def test_partitions_move_to_a_new_member_with_state_rebuilt(kafka_bootstrap, top
     assert set(a.counts).isdisjoint(b.counts) and len(a.counts) + len(b.counts) == 4
     assert a.revoked and set().union(*a.revoked) == set(b.counts)
     assert all(offset > 0 for offset in b.assigned[0].values()), "the new member resumes where the first stopped"
+    assert _committed_output(kafka_bootstrap, out_topic) == _expected(sent)
+
+
+def test_a_join_that_outlives_its_poll_is_finished_and_the_member_stays(kafka_bootstrap, topic_factory):
+    """A metadata change makes the leader rejoin (every member's first join is followed by one, as its metadata
+    fills in; here partitions are added). With polls shorter than that join's round trip, as on a loaded machine,
+    kafka-python 3.0.12 lost the join and the member's heartbeats, and the broker dropped it at the session timeout
+    (6 s here)."""
+    in_topic, out_topic = topic_factory(), topic_factory()
+    group, instance = f"g-{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:8]}"
+    counter = RunningCount(kafka_bootstrap, out_topic)
+    fresh_metadata = {**FAST_GROUP, "metadata_max_age_ms": 500}  # see the new partitions within the test
+    with ExactlyOnceProcessor([in_topic], group, instance, counter.transform, on_assign=counter.on_assign,
+                              on_revoke=counter.on_revoke, bootstrap=kafka_bootstrap,
+                              consumer_config=fresh_metadata) as processor, admin_client(kafka_bootstrap) as admin:
+        _wait_until(lambda: processor.process_once(timeout_ms=200) == 0 and len(processor.assignment()) == 4, 60,
+                    "the member to own the input's 4 partitions")
+        admin.create_partitions({in_topic: NewPartitions(total_count=6)})
+        deadline = time.monotonic() + 12  # the rejoin, then beyond the session: a member without heartbeats is gone
+        while time.monotonic() < deadline:
+            processor.process_once(timeout_ms=1)
+        described = admin.describe_groups([group])[group]
+        assert described["group_state"] == "Stable"
+        assert [m["group_instance_id"] for m in described["members"]] == [instance]
+        assert len(processor.assignment()) == 6
+        sent = _produce_input(kafka_bootstrap, in_topic, 30)
+        _drain(processor, len(sent))
+    assert _committed_output(kafka_bootstrap, out_topic) == _expected(sent)
+
+
+def test_a_member_the_group_dropped_rejoins_at_its_next_commit(kafka_bootstrap, topic_factory, caplog):
+    """A member the broker no longer knows (removed by an operator here; its session expired, in the field) has its
+    next transaction refused, and rejoins then rather than at a heartbeat that may be 14 s away, or never come."""
+    in_topic, out_topic = topic_factory(), topic_factory()
+    group, instance = f"g-{uuid.uuid4().hex[:8]}", f"t-{uuid.uuid4().hex[:8]}"
+    counter = RunningCount(kafka_bootstrap, out_topic)
+    sent = _produce_input(kafka_bootstrap, in_topic, 20)
+    with ExactlyOnceProcessor([in_topic], group, instance, counter.transform, on_assign=counter.on_assign,
+                              on_revoke=counter.on_revoke, bootstrap=kafka_bootstrap,
+                              consumer_config={"session_timeout_ms": 45_000, "heartbeat_interval_ms": 14_000}
+                              ) as processor, admin_client(kafka_bootstrap) as admin:
+        _drain(processor, len(sent))
+        removed = admin.remove_group_members(group, [MemberToRemove(group_instance_id=instance)])
+        assert [error.__name__ for error in removed.values()] == ["NoError"]
+        sent += _produce_input(kafka_bootstrap, in_topic, 20, start=20)
+        with caplog.at_level(logging.WARNING, logger="pipeline.bus.kafka"):
+            _drain(processor, 20)
+        assert [m["group_instance_id"] for m in admin.describe_groups([group])[group]["members"]] == [instance]
+    refused = [r for r in caplog.records if "aborted and rewound" in r.getMessage()]
+    assert len(refused) <= 1, [r.getMessage() for r in refused]
     assert _committed_output(kafka_bootstrap, out_topic) == _expected(sent)

@@ -26,7 +26,8 @@ from kafka import (
 )
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
+from kafka.structs import MemberState
 
 from pipeline.bus.security import client_config, describe
 from pipeline.settings import resolve
@@ -316,6 +317,7 @@ class ExactlyOnceProcessor:
     ) -> None:
         servers, security = bootstrap_servers(bootstrap), client_config()
         self._transform, self._on_assign, self._on_revoke = transform, on_assign, on_revoke
+        self._group_id = group_id
         self._poison, self._max_attempts, self._timeout_s = poison, max_attempts, timeout_s
         self._suspects: dict[TopicPartition, int] = {}  # partition -> end offset of a failed batch, retried singly
         self._failures: dict[tuple[TopicPartition, int], tuple[int, Exception]] = {}  # record -> (failures, last)
@@ -350,6 +352,7 @@ class ExactlyOnceProcessor:
         """Poll once and commit what came in as one transaction; return how many records were consumed."""
         polled = self._consumer.poll(timeout_ms=timeout_ms)
         self._check_coordinator()
+        self._finish_lost_join()
         try:
             self._apply_moves(polled)
         except BaseException:
@@ -369,6 +372,12 @@ class ExactlyOnceProcessor:
             self._wait(lambda: manager.send_offsets_to_transaction(offsets, self._consumer.group_metadata()),
                        "sending the offsets to the transaction")
             self._wait(manager.begin_commit, "committing the transaction")
+        except CommitFailedError as e:  # the group no longer knows this member or its generation
+            self._abort_and_rewind(polled, e)
+            self._consumer._coordinator.request_rejoin()  # now, not at the next heartbeat (if that ever comes)
+            log.warning("transaction of %d records aborted and rewound, rejoining group %s: %r", len(batch),
+                        self._group_id, e)
+            return 0
         except KafkaError as e:
             self._abort_and_rewind(polled, e)
             log.warning("transaction of %d records aborted and rewound: %r", len(batch), e)
@@ -477,6 +486,19 @@ class ExactlyOnceProcessor:
         self._producer._sender.wakeup()
         if not result.wait(timeout_ms=self._timeout_s * 1000):
             raise BusTimeout(f"{what} did not complete within {self._timeout_s:g} s")
+
+    def _finish_lost_join(self) -> None:
+        """Rejoin when kafka-python (3.0.12) has lost a join. A rejoin that a metadata change asked for, and whose
+        round trip outlives the poll that started it, completes unseen: the leader's own assignment clears what asked
+        for it, so no later poll finishes the join. The member then stays REBALANCING with its heartbeats off until
+        the broker drops it at the session timeout, never rejoins, and every transaction after that fails with
+        UnknownMemberId. Every member's first join is followed by such a rejoin, and on a loaded machine its round
+        trip outlived the 0.2 s poll (in `vmh demo`, moment recall fell to 0.07-0.35). Asking again runs a join to
+        the end, keeping the partitions (cooperative): nothing is revoked."""
+        coordinator = self._consumer._coordinator
+        if self._consumer.group_metadata().state is MemberState.REBALANCING and not coordinator.need_rejoin():
+            log.info("group %s: a join finished unseen; rejoining", self._group_id)
+            coordinator.request_rejoin()
 
     def _check_coordinator(self) -> None:
         """Give up when the group has had no reachable coordinator for ``timeout_s`` (a dead broker, a partition
