@@ -63,8 +63,9 @@ def test_the_second_in_progress_goes_out_when_its_source_begins_shedding():
     featurizer = LiveFeaturizer(FakeEncoder(), session="s2")
     done = featurizer.process(half + [Shedding("a", 3)] + after)
     assert [r.media_time for r in done.records] == [3.0]
-    assert [(r.media_time, r.gap_seconds) for r in featurizer.process(frames("a", [10])).records] == [(9.0, 5.5),
-                                                                                                      (10.0, 0.0)]
+    # the five whole seconds shed keep their numbers: seconds are numbered as their media time goes
+    assert [(r.t, r.media_time, r.gap_seconds) for r in featurizer.process(frames("a", [10])).records] == [
+        (6, 9.0, 5.5), (7, 10.0, 0.0)]
 
 
 def test_a_new_featurizer_is_a_new_session():

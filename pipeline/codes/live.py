@@ -1,17 +1,18 @@
 """Frame features in, moment codes out: the encoder worker's logic, without Kafka.
 
-A stream's seconds are numbered 0, 1, 2, ... by its producer session (a reconnect keeps counting, and marks the gap
-on the record), so the causal model sees one contiguous sequence per session. The coder holds one state per stream,
-that of the session it saw last: a record of another session starts that session (at ``t == 0``) or rebuilds it from
-the stream's earlier records (after a restart or a partition move). A batch of records is processed in rounds: round
-r advances every stream by its r-th record, so all streams of the batch go through each layer of the network
-together.
+A stream's seconds are numbered 0, 1, 2, ... by its producer session, and seconds the producer shed or lost to a
+reconnect keep their numbers (the record after them says how much is missing), so a moment's seconds are when it
+happened. The coder holds one state per stream, that of the session it saw last: a record of another session starts
+that session (at ``t == 0``) or rebuilds it from the stream's earlier records (after a restart or a partition move).
+A batch of records is processed in rounds: round r advances every stream by its r-th record, so all streams of the
+batch go through each layer of the network together.
 
-What cannot be used becomes an error record, never an exception: features of another extractor or width, or with
-NaN or infinite values, are refused; a second that repeats or goes back is skipped; missing seconds are bridged
-with zeros and reported. A stream's last second frees its state, and so does ``idle_timeout`` without records;
-its final moment is marked ``last``. A repeat of the final second marked ``last`` is the producer's end marker for
-a stream whose final second went out unmarked: it repeats the final moment, marked, and nothing else.
+What cannot be used becomes an error record, never an exception: features of another extractor or width, or with NaN
+or infinite values, are refused; a second that repeats or goes back is skipped; missing seconds are bridged with
+zeros, no moment reaching into them is emitted, and those the producer did not announce are reported. A stream's
+last second frees its state, and so does ``idle_timeout`` without records; its final moment is marked ``last``. A
+repeat of the final second marked ``last`` is the producer's end marker for a stream whose final second went out
+unmarked: it repeats the final moment, marked, and nothing else.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class LiveCoder:
         self._sessions: dict[str, str] = {}  # stream -> the session its encoder state belongs to
         self._seen: dict[str, float] = {}  # stream -> clock of its last record
         self._final: dict[str, MomentCode] = {}  # stream -> the last moment of its latest second, for the end marker
+        self._real_from: dict[str, int] = {}  # stream -> its first second after the latest bridged gap
         self._partitions = StreamPartitions()
 
     @property
@@ -92,6 +94,7 @@ class LiveCoder:
         missing = needed - (next_second - first)
         if not missing:
             return []
+        self._real_from[stream_id] = first  # as after a bridged gap
         return [self._error(record, origin, HISTORY_INCOMPLETE,
                             f"rebuilt stream state before second {next_second} with {missing} of {needed} seconds "
                             "missing from the features topic; codes of moments reaching into them are approximate")]
@@ -145,7 +148,7 @@ class LiveCoder:
             self._drop(stream_id)
             return False
         if record.t > expected:
-            errors.append(self._bridge(record, origin, expected))
+            errors += self._bridge(record, origin, expected)
         elif record.t < expected:
             errors.append(self._error(record, origin, OUT_OF_ORDER,
                                       f"second {record.t} repeats or goes back (expected {expected}); skipped"))
@@ -169,8 +172,10 @@ class LiveCoder:
             return BAD_FEATURES, "features hold NaN or infinite values"
         return None
 
-    def _bridge(self, record: FrameFeatures, origin: Origin | None, expected: int) -> ErrorRecord:
-        """Advance the stream over missing seconds expected .. t-1 as if their features were zeros."""
+    def _bridge(self, record: FrameFeatures, origin: Origin | None, expected: int) -> list[ErrorRecord]:
+        """Advance the stream over missing seconds expected .. t-1 as if their features were zeros; no moment that
+        reaches into them is emitted (it would stand for what nobody saw). Seconds the producer shed or lost to a
+        reconnect say so on the record (``gap_seconds``); any others were lost on the way, and an error says so."""
         stream_id, gap = record.stream_id, record.t - expected
         if gap >= self.history_seconds:  # nothing real is left in the window
             self._encoder.rebuild(stream_id, np.zeros((min(record.t, self.history_seconds),
@@ -179,9 +184,12 @@ class LiveCoder:
             zeros = np.zeros((1, self._encoder.video_dim), np.float32)
             for _ in range(gap):
                 self._encoder.step([stream_id], zeros)  # the moments of missing seconds are not emitted
-        return self._error(record, origin, HISTORY_INCOMPLETE,
-                           f"seconds {expected} to {record.t - 1} are missing; bridged with zeros, codes of moments "
-                           "reaching into them are approximate")
+        self._real_from[stream_id] = record.t
+        if gap <= int(record.gap_seconds):
+            return []
+        return [self._error(record, origin, HISTORY_INCOMPLETE,
+                            f"seconds {expected} to {record.t - 1} are missing; bridged with zeros, moments reaching "
+                            "into them are not emitted")]
 
     def _step(self, ready: list[FrameFeatures]) -> list[MomentCode]:
         features = np.stack([r.features for r in ready]).astype(np.float32)
@@ -200,6 +208,7 @@ class LiveCoder:
                 session=by_stream[m.stream_id].session,
             )
             for m in self._encoder.step([r.stream_id for r in ready], features)
+            if m.start >= self._real_from.get(m.stream_id, 0)
         ]
         finals = {m.stream_id: i for i, m in enumerate(moments)}
         for stream_id, i in finals.items():
@@ -218,7 +227,7 @@ class LiveCoder:
 
     def _drop(self, stream_id: str) -> None:
         self._encoder.drop(stream_id)
-        for state in (self._sessions, self._seen, self._final):
+        for state in (self._sessions, self._seen, self._final, self._real_from):
             state.pop(stream_id, None)
         self._partitions.discard(stream_id)
 

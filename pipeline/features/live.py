@@ -1,7 +1,8 @@
 """Sampled frames of many streams in, per-second feature records out: the producer worker's logic, without Kafka.
 
-Each stream's seconds are numbered 0, 1, 2, ... by this session, contiguously: a reconnect keeps counting and marks
-the lost media time on the first record after it, so the encoder downstream always sees one unbroken sequence.
+Each stream's seconds are numbered 0, 1, 2, ... by this session: a reconnect keeps counting, whole seconds lost to it
+or shed keep their numbers, and the first record after a hole carries the media time lost, so the encoder downstream
+knows a hole from a lost record, and moments after a hole are numbered by when they happened.
 Records name the producer session and the extractor that made them. A stream that ends marks its final second
 ``last``; when that second already went out (it was complete before the end was known), it goes out once more,
 marked, as the end marker. With a ``LoadShedder``, late seconds of live streams are dropped before the CNN and
@@ -86,7 +87,9 @@ class LiveFeaturizer:
     def _records(self, seconds: list[PooledSecond]) -> list[FrameFeatures]:
         records = []
         for second in seconds:
-            t = self._next_t.get(second.stream_id, 0)
+            # whole seconds shed or lost to a reconnect keep their numbers: t stays the stream's media second, so
+            # moments and match events after a gap say when they happened
+            t = self._next_t.get(second.stream_id, 0) + int(second.gap)
             self._next_t[second.stream_id] = t + 1
             records.append(
                 FrameFeatures(
