@@ -88,7 +88,8 @@ def _same(a: Any, b: Any) -> bool:
 class FrameFeatures(_Record):
     """One second of one stream: the pooled frame-CNN feature vector of media second ``t``.
 
-    ``gap`` marks the first second after a reconnect, and ``gap_seconds`` how much media time was lost before it.
+    ``gap`` marks the first second after a hole (a reconnect, or seconds shed under load), and ``gap_seconds`` how
+    much media time was lost before it; the whole seconds lost keep their numbers, so ``t`` jumps over them.
     ``session`` names the producer session that numbers the seconds (t restarts at 0 in a new one), ``extractor``
     the frame path that made the vector (``extractor_id``), and ``last`` marks the stream's final second.
     """
