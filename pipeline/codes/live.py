@@ -9,10 +9,10 @@ batch go through each layer of the network together.
 
 What cannot be used becomes an error record, never an exception: features of another extractor or width, or with NaN
 or infinite values, are refused; a second that repeats or goes back is skipped; missing seconds are bridged with
-zeros, no moment reaching into them is emitted, and those the producer did not announce are reported. A stream's
-last second frees its state, and so does ``idle_timeout`` without records; its final moment is marked ``last``. A
-repeat of the final second marked ``last`` is the producer's end marker for a stream whose final second went out
-unmarked: it repeats the final moment, marked, and nothing else.
+zeros, and those the producer did not announce are reported. A stream's last second frees its state, and so does
+``idle_timeout`` without records; its final moment is marked ``last``. A repeat of the final second marked ``last``
+is the producer's end marker for a stream whose final second went out unmarked: it repeats the final moment, marked,
+and nothing else.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ class LiveCoder:
         self._sessions: dict[str, str] = {}  # stream -> the session its encoder state belongs to
         self._seen: dict[str, float] = {}  # stream -> clock of its last record
         self._final: dict[str, MomentCode] = {}  # stream -> the last moment of its latest second, for the end marker
-        self._real_from: dict[str, int] = {}  # stream -> its first second after the latest bridged gap
         self._partitions = StreamPartitions()
 
     @property
@@ -94,7 +93,6 @@ class LiveCoder:
         missing = needed - (next_second - first)
         if not missing:
             return []
-        self._real_from[stream_id] = first  # as after a bridged gap
         return [self._error(record, origin, HISTORY_INCOMPLETE,
                             f"rebuilt stream state before second {next_second} with {missing} of {needed} seconds "
                             "missing from the features topic; codes of moments reaching into them are approximate")]
@@ -173,9 +171,9 @@ class LiveCoder:
         return None
 
     def _bridge(self, record: FrameFeatures, origin: Origin | None, expected: int) -> list[ErrorRecord]:
-        """Advance the stream over missing seconds expected .. t-1 as if their features were zeros; no moment that
-        reaches into them is emitted (it would stand for what nobody saw). Seconds the producer shed or lost to a
-        reconnect say so on the record (``gap_seconds``); any others were lost on the way, and an error says so."""
+        """Advance the stream over missing seconds expected .. t-1 as if their features were zeros (codes of moments
+        reaching into them are approximate). Seconds the producer shed or lost to a reconnect say so on the record
+        (``gap_seconds``); any others were lost on the way, and an error says so."""
         stream_id, gap = record.stream_id, record.t - expected
         if gap >= self.history_seconds:  # nothing real is left in the window
             self._encoder.rebuild(stream_id, np.zeros((min(record.t, self.history_seconds),
@@ -184,12 +182,11 @@ class LiveCoder:
             zeros = np.zeros((1, self._encoder.video_dim), np.float32)
             for _ in range(gap):
                 self._encoder.step([stream_id], zeros)  # the moments of missing seconds are not emitted
-        self._real_from[stream_id] = record.t
         if gap <= int(record.gap_seconds):
             return []
         return [self._error(record, origin, HISTORY_INCOMPLETE,
-                            f"seconds {expected} to {record.t - 1} are missing; bridged with zeros, moments reaching "
-                            "into them are not emitted")]
+                            f"seconds {expected} to {record.t - 1} are missing; bridged with zeros, codes of moments "
+                            "reaching into them are approximate")]
 
     def _step(self, ready: list[FrameFeatures]) -> list[MomentCode]:
         features = np.stack([r.features for r in ready]).astype(np.float32)
@@ -208,7 +205,6 @@ class LiveCoder:
                 session=by_stream[m.stream_id].session,
             )
             for m in self._encoder.step([r.stream_id for r in ready], features)
-            if m.start >= self._real_from.get(m.stream_id, 0)
         ]
         finals = {m.stream_id: i for i, m in enumerate(moments)}
         for stream_id, i in finals.items():
@@ -227,7 +223,7 @@ class LiveCoder:
 
     def _drop(self, stream_id: str) -> None:
         self._encoder.drop(stream_id)
-        for state in (self._sessions, self._seen, self._final, self._real_from):
+        for state in (self._sessions, self._seen, self._final):
             state.pop(stream_id, None)
         self._partitions.discard(stream_id)
 
