@@ -202,3 +202,16 @@ def test_the_end_marker_repeats_the_final_moment_marked(model):
     assert len(coder) == 0
     restarted = _coder(model)  # a coder that never held the stream takes the marker as the end, not a new second
     assert restarted.encode([replace(records[-1], last=True)], history=lambda r, o: records) == ([], [])
+
+
+def test_a_restart_after_a_shed_hole_restores_the_state_of_an_uninterrupted_run(model):
+    rng = np.random.default_rng(7)
+    records = _records("s", rng.normal(size=(40, DIM)))
+    received = records[:20] + [replace(records[24], gap=True, gap_seconds=4.0)] + records[25:]  # 20 to 23 shed
+    whole, _ = _coder(model).encode(received)
+    first, _ = _coder(model).encode(received[:25])
+    restarted = _coder(model)
+    assert restarted.history_seconds > received[25].t - 20, "the window must reach back across the hole"
+    second, errors = restarted.encode(received[25:], history=lambda r, origin: received[:25])
+    assert errors == []
+    assert _by_span(first + second, "s") == _by_span(whole, "s")

@@ -8,12 +8,14 @@ import signal
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from harness import committed, lite_checkpoint, render_synthetic, spawn, stop, worker_env
-from pipeline.bus.records import FrameFeatures, MatchEvent, MomentCode
+from pipeline.bus.kafka import at_least_once_producer
+from pipeline.bus.records import FrameFeatures, MatchEvent, MomentCode, encode, record_key
 from pipeline.bus.topics import create_topics, topics
 from pipeline.codes.live import LiveCoder
 from pipeline.matching.live import LiveMatcher
@@ -70,13 +72,34 @@ class committed_at_least:
 
 def test_encoder_killed_mid_stream(kafka_bootstrap, stream):
     prefix, env, checkpoint, features, tmp = stream
+    _kill_encoder_and_compare(kafka_bootstrap, prefix, env, checkpoint, features, tmp / "encoder.log")
+
+
+def test_encoder_killed_after_seconds_were_shed(kafka_bootstrap, stream):
+    """Seconds 14 to 17 shed, as an overloaded producer sheds them (they keep their numbers; the record after the
+    hole says so): the restarted encoder's window reaches back across the hole, and its codes are still those of an
+    uninterrupted run."""
+    _, _, checkpoint, features, tmp = stream
+    prefix = f"shed-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka_bootstrap, prefix=prefix, partitions=2)
+    shed = [replace(r, gap=True, gap_seconds=4.0) if r.t == 18 else r for r in features if not 14 <= r.t < 18]
+    producer = at_least_once_producer(kafka_bootstrap)
+    for record in shed:
+        producer.send(topics(prefix).features, value=encode(record), key=record_key(record))
+    producer.flush()
+    producer.close()
+    env = worker_env(kafka_bootstrap, prefix, VMH_CHECKPOINT=str(checkpoint))
+    _kill_encoder_and_compare(kafka_bootstrap, prefix, env, checkpoint, shed, tmp / "encoder-shed.log")
+
+
+def _kill_encoder_and_compare(kafka_bootstrap, prefix, env, checkpoint, features, log) -> None:
     model, _ = load_checkpoint(checkpoint)
     coder = LiveCoder(StreamingEncoder(model), bits=model.config.bits, model="")
     expected, _ = coder.encode(features)
-    args = ["encoder", "--instance", "kill-enc", "--batch-records", "1"]
+    args = ["encoder", "--instance", f"kill-{prefix}", "--batch-records", "1"]
     # killed around second 30 of 45: the restarted worker needs the full 27 s window of history
     ready = committed_at_least(kafka_bootstrap, topics(prefix).moments, 300)
-    restarted = kill_and_restart(args, env, tmp / "encoder.log", ready)
+    restarted = kill_and_restart(args, env, log, ready)
     try:
         moments = committed(kafka_bootstrap, topics(prefix).moments, lambda r: len(r) >= len(expected),
                             expected=MomentCode)

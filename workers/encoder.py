@@ -92,7 +92,11 @@ class EncoderWorker:
         from pipeline.bus.records import FrameFeatures, record_key
         from workers.common import key_history
 
-        want = set(range(max(0, features.t - self.coder.history_seconds), features.t))
+        since = max(0, features.t - self.coder.history_seconds)
+
+        def enough(found) -> bool:  # back to the window's start, or to a hole the producer announced across it
+            return any(r.t - (int(r.gap_seconds) if r.gap else 0) <= since for r in found
+                       if r.session == features.session)
+
         return key_history(at, record_key(features), self._timestamps[at], FrameFeatures,
-                           2 * len(want) + 30, self.bootstrap,
-                           enough=lambda found: want <= {r.t for r in found if r.session == features.session})
+                           2 * (features.t - since) + 30, self.bootstrap, enough=enough)

@@ -36,6 +36,11 @@ FOREIGN_EXTRACTOR = "foreign_extractor"
 History = Callable[[FrameFeatures, Origin | None], Iterable[FrameFeatures]]
 
 
+def announced_holes(records: Iterable[FrameFeatures]) -> set[int]:
+    """The seconds that ``records`` say were shed or lost to a reconnect just before them (``gap_seconds``)."""
+    return {t for r in records if r.gap for t in range(r.t - int(r.gap_seconds), r.t)}
+
+
 class LiveCoder:
     """Turns FrameFeatures records, in log order, into the MomentCode records that became final with them.
 
@@ -73,29 +78,28 @@ class LiveCoder:
                 origin: Origin | None = None) -> list[ErrorRecord]:
         """Rebuild the state of ``record``'s stream and session before ``record.t`` from its earlier records.
 
-        Uses the contiguous run of seconds that ends at ``record.t - 1``; when part of the window is missing
-        (retention, a lost record), the missing seconds are zeros, the codes that read them are approximate, and an
-        error record says so.
+        The window's seconds that have no record are zeros, as bridging made them in an uninterrupted run, so
+        across holes the producer announced (seconds shed, a reconnect) the state is the same. Seconds missing
+        otherwise (retention, a lost record) make the codes that read them approximate, and an error record says so.
         """
         stream_id, next_second = record.stream_id, record.t
-        by_second = {r.t: r.features for r in history
-                     if r.stream_id == stream_id and r.session == record.session and r.t < next_second
-                     and self._refusal(r) is None}
+        mine = [r for r in history if r.stream_id == stream_id and r.session == record.session and r.t < next_second
+                and self._refusal(r) is None]
         needed = min(next_second, self.history_seconds)
-        first = next_second
-        while first > next_second - needed and (first - 1) in by_second:
-            first -= 1
+        window = range(next_second - needed, next_second)
         tail = np.zeros((needed, self._encoder.video_dim), dtype=np.float32)
-        if first < next_second:
-            tail[needed - (next_second - first) :] = np.stack([by_second[t] for t in range(first, next_second)])
+        found = {r.t: r.features for r in mine if r.t in window}
+        for t, features in found.items():
+            tail[t - window.start] = features
         self._encoder.rebuild(stream_id, tail, next_second)
         self._hold(record, origin)
-        missing = needed - (next_second - first)
+        missing = set(window) - found.keys() - announced_holes([*mine, record])
         if not missing:
             return []
         return [self._error(record, origin, HISTORY_INCOMPLETE,
-                            f"rebuilt stream state before second {next_second} with {missing} of {needed} seconds "
-                            "missing from the features topic; codes of moments reaching into them are approximate")]
+                            f"rebuilt stream state before second {next_second} with {len(missing)} of {needed} "
+                            "seconds missing from the features topic; codes of moments reaching into them are "
+                            "approximate")]
 
     def encode(self, records: Iterable[FrameFeatures], origins: Sequence[Origin] | None = None,
                history: History | None = None) -> tuple[list[MomentCode], list[ErrorRecord]]:
