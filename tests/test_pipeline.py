@@ -204,3 +204,26 @@ def test_up_runs_the_system_and_a_stop_signal_stops_it(kafka_bootstrap, prefix, 
         assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
     finally:
         stop(up)
+
+
+def test_the_demo_counts_the_seconds_the_producers_shed(kafka_bootstrap, prefix):
+    """What the demo prints when the machine could not keep up: the media seconds the feature records say are
+    missing before them (a shed second keeps its number, so ``t`` jumps over it)."""
+    import numpy as np
+
+    from pipeline.bus.kafka import at_least_once_producer
+    from pipeline.bus.records import encode, record_key
+    from workers.demo import shed_seconds
+
+    def second(stream, t, gap=0.0):
+        return FrameFeatures(stream, t, float(t), 100.0 + t, np.zeros(4, np.float32), gap=gap > 0, gap_seconds=gap)
+
+    records = [second("a", 0), second("a", 1), second("a", 5, gap=3.0), second("b", 0), second("b", 3, gap=2.5)]
+    producer = at_least_once_producer(kafka_bootstrap)
+    for record in records:
+        producer.send(topics(prefix).features, value=encode(record), key=record_key(record))
+    producer.flush()
+    producer.close()
+    assert shed_seconds(kafka_bootstrap, prefix) == 5.5
+    create_topics(kafka_bootstrap, prefix=f"{prefix}-calm", partitions=2)
+    assert shed_seconds(kafka_bootstrap, f"{prefix}-calm") == 0.0

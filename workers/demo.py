@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         producers = start_producers(system, sources, "--realtime")
         _follow(subscription, producers, ids, judge, started, max(v.duration for v in streamed))
         subscription.close()
+        shed = shed_seconds(bootstrap, prefix)
     finally:
         system.stop()
         if own_broker:
@@ -139,7 +140,27 @@ def run(args: argparse.Namespace) -> int:
           f"{s['right'] + s['false']} events, {s['right']} right, {s['false']} wrong; precision {s['precision']:.2f}, recall {s['recall']:.2f} "
           f"({len(judge.found)} of {truth.total} moments), F1 {s['f1']:.2f}, {s['false_per_stream_hour']:.0f} false "
           f"events per stream-hour (an event is right when its query's event happens there with IoU >= 0.5)")
+    if shed:
+        print(f"  this machine could not keep up: the producers shed {shed:.0f} of the {truth.stream_seconds:.0f} "
+              "stream-seconds (their moments were never seen, so recall is lower than the model's)")
     return 0
+
+
+def shed_seconds(bootstrap: str, prefix: str) -> float:
+    """Media seconds the producers shed to keep up with the live streams: the holes their feature records announce."""
+    from pipeline.bus.kafka import read_committed_consumer
+    from pipeline.bus.records import FrameFeatures, decode
+    from pipeline.bus.topics import topics
+
+    consumer = read_committed_consumer([topics(prefix).features], bootstrap=bootstrap)
+    try:
+        ends, shed, deadline = consumer.end_offsets(list(consumer.assignment())), 0.0, time.monotonic() + 30
+        while any(consumer.position(tp) < end for tp, end in ends.items()) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                shed += sum(decode(r.value, FrameFeatures).gap_seconds for r in records)
+        return shed
+    finally:
+        consumer.close()
 
 
 def _follow(subscription, producers, ids: dict[str, str], judge, started: float, duration: float) -> None:
