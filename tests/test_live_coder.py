@@ -215,3 +215,12 @@ def test_a_restart_after_a_shed_hole_restores_the_state_of_an_uninterrupted_run(
     second, errors = restarted.encode(received[25:], history=lambda r, origin: received[:25])
     assert errors == []
     assert _by_span(first + second, "s") == _by_span(whole, "s")
+
+
+def test_a_record_claiming_an_endless_hole_costs_nothing_to_restore(model):
+    """A well-formed record may claim any gap; restoring across it counts only the window's seconds."""
+    records = _records("s", np.ones((40, DIM)))
+    claims = replace(records[35], gap=True, gap_seconds=1e300)
+    restarted = _coder(model)
+    moments, errors = restarted.encode([replace(records[36], t=36)], history=lambda r, o: records[:30] + [claims])
+    assert errors == [] and {m.end for m in moments} == {37}

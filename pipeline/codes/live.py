@@ -36,9 +36,11 @@ FOREIGN_EXTRACTOR = "foreign_extractor"
 History = Callable[[FrameFeatures, Origin | None], Iterable[FrameFeatures]]
 
 
-def announced_holes(records: Iterable[FrameFeatures]) -> set[int]:
-    """The seconds that ``records`` say were shed or lost to a reconnect just before them (``gap_seconds``)."""
-    return {t for r in records if r.gap for t in range(r.t - int(r.gap_seconds), r.t)}
+def announced_holes(records: Iterable[FrameFeatures], within: range) -> set[int]:
+    """The seconds ``within`` that ``records`` say were shed or lost to a reconnect just before them
+    (``gap_seconds``; a record may claim any length, so only the window is ever counted)."""
+    return {t for r in records if r.gap
+            for t in range(max(within.start, r.t - int(r.gap_seconds)), min(within.stop, r.t))}
 
 
 class LiveCoder:
@@ -93,7 +95,7 @@ class LiveCoder:
             tail[t - window.start] = features
         self._encoder.rebuild(stream_id, tail, next_second)
         self._hold(record, origin)
-        missing = set(window) - found.keys() - announced_holes([*mine, record])
+        missing = set(window) - found.keys() - announced_holes([*mine, record], window)
         if not missing:
             return []
         return [self._error(record, origin, HISTORY_INCOMPLETE,
