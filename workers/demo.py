@@ -154,11 +154,13 @@ def shed_seconds(bootstrap: str, prefix: str) -> float:
 
     consumer = read_committed_consumer([topics(prefix).features], bootstrap=bootstrap)
     try:
-        ends, shed, deadline = consumer.end_offsets(list(consumer.assignment())), 0.0, time.monotonic() + 30
+        ends, deadline = consumer.end_offsets(list(consumer.assignment())), time.monotonic() + 30
+        holes = {}  # (stream, session, t) -> seconds missing before it; an end marker repeats its second
         while any(consumer.position(tp) < end for tp, end in ends.items()) and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=500).values():
-                shed += sum(decode(r.value, FrameFeatures).gap_seconds for r in records)
-        return shed
+                for record in (decode(r.value, FrameFeatures) for r in records):
+                    holes[record.stream_id, record.session, record.t] = record.gap_seconds
+        return sum(holes.values())
     finally:
         consumer.close()
 
