@@ -93,10 +93,8 @@ class EncoderWorker:
         from workers.common import key_history
 
         since = max(0, features.t - self.coder.history_seconds)
-
-        def enough(found) -> bool:  # back to the window's start, or to a hole the producer announced across it
-            return any(r.t - (int(r.gap_seconds) if r.gap else 0) <= since for r in found
-                       if r.session == features.session)
-
+        # enough: back to the window's start, or to a hole the producer announced across it
         return key_history(at, record_key(features), self._timestamps[at], FrameFeatures,
-                           2 * (features.t - since) + 30, self.bootstrap, enough=enough)
+                           2 * (features.t - since) + 30, self.bootstrap,
+                           enough=lambda found: any(r.announced_from <= since for r in found
+                                                    if r.session == features.session))

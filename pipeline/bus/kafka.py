@@ -317,7 +317,6 @@ class ExactlyOnceProcessor:
     ) -> None:
         servers, security = bootstrap_servers(bootstrap), client_config()
         self._transform, self._on_assign, self._on_revoke = transform, on_assign, on_revoke
-        self._group_id = group_id
         self._poison, self._max_attempts, self._timeout_s = poison, max_attempts, timeout_s
         self._suspects: dict[TopicPartition, int] = {}  # partition -> end offset of a failed batch, retried singly
         self._failures: dict[tuple[TopicPartition, int], tuple[int, Exception]] = {}  # record -> (failures, last)
@@ -376,7 +375,7 @@ class ExactlyOnceProcessor:
             self._abort_and_rewind(polled, e)
             self._consumer._coordinator.request_rejoin()  # now, not at the next heartbeat (if that ever comes)
             log.warning("transaction of %d records aborted and rewound, rejoining group %s: %r", len(batch),
-                        self._group_id, e)
+                        self._consumer.config["group_id"], e)
             return 0
         except KafkaError as e:
             self._abort_and_rewind(polled, e)
@@ -497,7 +496,7 @@ class ExactlyOnceProcessor:
         the end, keeping the partitions (cooperative): nothing is revoked."""
         coordinator = self._consumer._coordinator
         if self._consumer.group_metadata().state is MemberState.REBALANCING and not coordinator.need_rejoin():
-            log.info("group %s: a join finished unseen; rejoining", self._group_id)
+            log.info("group %s: a join finished unseen; rejoining", self._consumer.config["group_id"])
             coordinator.request_rejoin()
 
     def _check_coordinator(self) -> None:

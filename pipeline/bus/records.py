@@ -121,6 +121,12 @@ class FrameFeatures(_Record):
             raise InvalidRecord(f"features must be a non-empty 1-d numeric vector, got {array.dtype} {array.shape}")
         _freeze(self, "features", array.astype(np.float16, copy=False))
 
+    @property
+    def announced_from(self) -> int:
+        """The first second of the hole announced just before this one (``t`` itself when none): the whole seconds
+        of ``gap_seconds``, which kept their numbers."""
+        return self.t - int(self.gap_seconds)
+
 
 @dataclass(frozen=True, eq=False)
 class MomentCode(_Record):

@@ -39,8 +39,7 @@ History = Callable[[FrameFeatures, Origin | None], Iterable[FrameFeatures]]
 def announced_holes(records: Iterable[FrameFeatures], within: range) -> set[int]:
     """The seconds ``within`` that ``records`` say were shed or lost to a reconnect just before them
     (``gap_seconds``; a record may claim any length, so only the window is ever counted)."""
-    return {t for r in records if r.gap
-            for t in range(max(within.start, r.t - int(r.gap_seconds)), min(within.stop, r.t))}
+    return {t for r in records for t in range(max(within.start, r.announced_from), min(within.stop, r.t))}
 
 
 class LiveCoder:
@@ -188,7 +187,7 @@ class LiveCoder:
             zeros = np.zeros((1, self._encoder.video_dim), np.float32)
             for _ in range(gap):
                 self._encoder.step([stream_id], zeros)  # the moments of missing seconds are not emitted
-        if gap <= int(record.gap_seconds):
+        if record.announced_from <= expected:
             return []
         return [self._error(record, origin, HISTORY_INCOMPLETE,
                             f"seconds {expected} to {record.t - 1} are missing; bridged with zeros, codes of moments "
